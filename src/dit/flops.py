@@ -36,12 +36,19 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def measure(name, conditioning="adaln_zero", image_size=256):
-    """(Gflops, parameters, tokens) of a config. Built on the meta device: no memory, no compute."""
-    with torch.device("meta"):
-        model = DiT_models[name](input_size=image_size // 8, conditioning=conditioning)
+def describe(model):
+    """Name, conditioning, Gflops, parameters and tokens of a model (build it on the meta device
+    to pay no memory and no compute: `with torch.device("meta"): model = DiT(...)`)."""
     tokens = (model.input_size // model.patch_size) ** 2
-    return count_gflops(model), count_params(model), tokens
+    return dict(name=model.name, conditioning=model.conditioning, gflops=count_gflops(model),
+                params=count_params(model), tokens=tokens)  # fmt: skip
+
+
+def measure(name, conditioning="adaln_zero", image_size=256):
+    """(Gflops, parameters, tokens) of one of the paper's configs."""
+    with torch.device("meta"):
+        d = describe(DiT_models[name](input_size=image_size // 8, conditioning=conditioning))
+    return d["gflops"], d["params"], d["tokens"]
 
 
 def main(argv=None):

@@ -297,7 +297,7 @@ class DiT(nn.Module):
     @property
     def name(self):
         """The paper's name of this config, e.g. "DiT-XL/2" (or "DiT-custom/2" off the table)."""
-        return config_name(len(self.blocks), self.pos_embed.shape[-1], self.num_heads, self.patch_size)
+        return config_name(len(self.blocks), self.pos_embed.shape[-1], self.patch_size)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) tokens -> (N, C, H, W) latent; channel is fastest within a token."""
@@ -427,7 +427,7 @@ def describe_state_dict(state_dict):
     """A one-line description of the config behind a state dict, e.g.
     "DiT-XL/2 (adaln_zero, 4×32×32 latent, 1000 classes, learned sigma)"."""
     cfg = infer_config(state_dict)
-    name = config_name(cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["patch_size"])
+    name = config_name(cfg["depth"], cfg["hidden_size"], cfg["patch_size"])
     size, ch = cfg["input_size"], cfg["in_channels"]
     sigma = "learned sigma" if cfg["learn_sigma"] else "fixed sigma"
     return f"{name} ({cfg['conditioning']}, {ch}×{size}×{size} latent, {cfg['num_classes']} classes, {sigma})"
@@ -441,7 +441,7 @@ def describe_state_dict(state_dict):
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
-def config_name(depth, hidden_size, num_heads, patch_size):
+def config_name(depth, hidden_size, patch_size):
     size = next((s for s, shape in SIZES.items() if shape[:2] == (depth, hidden_size)), "custom")
     return f"DiT-{size}/{patch_size}"
 

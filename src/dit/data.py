@@ -1,0 +1,199 @@
+"""Precomputed VAE latents, streamed from litdata shards.
+
+The official recipe encodes every image with the VAE at every step and samples a fresh latent from
+its posterior, with horizontal flips as the only augmentation (shared/DIT_FACTS.md §3). Here each
+record holds the posterior (mean and std) of an image AND of its mirror image, encoded once; each
+time a sample is drawn one of the two is picked and a latent is sampled from it — the same
+distribution of training inputs, at no VAE cost:
+
+    record = {"label": int, "posterior": float16 array (2, 2, C, H, W)}
+                                          [image, flip] x [mean, std]
+
+A folder of shards also holds `meta.json` (channels, latent size, classes, count, source), which
+is checked against the model before training starts.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+META_FILE = "meta.json"
+logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache size at every epoch
+
+
+def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
+    """Write an iterable of (label, posterior) pairs as litdata shards plus `meta.json`.
+
+    `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]. `meta` gives
+    channels, latent_size, num_classes and source.
+    """
+    import litdata
+
+    records = list(records)
+    output_dir = Path(output_dir)
+    litdata.optimize(
+        fn=_to_record,
+        inputs=records,
+        output_dir=str(output_dir),
+        chunk_bytes=chunk_bytes,
+        num_workers=num_workers,
+        mode="overwrite",
+        verbose=False,
+    )
+    (output_dir / META_FILE).write_text(json.dumps(dict(meta, num_samples=len(records)), indent=2))
+
+
+def _to_record(item):
+    label, posterior = item
+    return {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+
+
+
+
+class LatentDataModule(LightningDataModule):
+    """Streams latent shards from a local folder or an object store (`s3://…`, `gs://…`).
+
+    Each rank and loader worker reads its own part (litdata splits by rank and node), shuffled with
+    `seed`, in fixed-shape batches (`drop_last`); the loader's position is saved in checkpoints so a
+    run resumes mid-epoch. `global_batch_size` is the batch over all devices, as in the paper (256).
+    Validation draws a sample grid: one row per class of `sample_classes`.
+    """
+
+    def __init__(
+        self,
+        path,
+        channels,
+        latent_size,
+        num_classes,
+        global_batch_size=256,
+        num_workers=2,
+        scale_factor=0.18215,
+        flip=True,
+        seed=0,
+        prepare=None,
+        cache_dir=None,
+        sample_classes=(),
+        samples_per_class=8,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.path = str(path)
+        self.flip = flip
+        self.scale_factor = scale_factor
+        self.batch_size = None  # per device, set in setup()
+
+    def prepare_data(self):
+        """Build the shards of a bundled dataset (`prepare: digits`) once, on one process."""
+        prepare = self.hparams.prepare
+        if prepare and not (Path(self.path) / META_FILE).exists():
+            from dit.digits import prepare_digits
+
+            preparers = {"digits": prepare_digits}
+            if prepare not in preparers:
+                raise ValueError(f"unknown data preparer {prepare!r}; choose one of {', '.join(preparers)}")
+            preparers[prepare](self.path)
+
+    def setup(self, stage=None):
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.global_batch_size % world:
+            raise ValueError(
+                f"global batch size {self.hparams.global_batch_size} does not divide over {world} devices; "
+                f"use a multiple of {world} (data.global_batch_size=...)"
+            )
+        self.batch_size = self.hparams.global_batch_size // world
+        self.meta = self.read_meta()
+
+    def read_meta(self):
+        """meta.json of the shards, checked against what this data config says they hold."""
+        if "://" in self.path:
+            return None  # an object store: litdata's own index is checked when streaming starts
+        folder = Path(self.path)
+        if not (folder / META_FILE).exists():
+            what = "does not exist" if not folder.exists() else f"holds no {META_FILE}"
+            raise FileNotFoundError(
+                f"data folder {folder} {what}: point data.path at a folder of latent shards "
+                "(written by dit.extract or dit.data.write_shards)"
+            )
+        meta = json.loads((folder / META_FILE).read_text())
+        for key in ("channels", "latent_size", "num_classes"):
+            if meta[key] != self.hparams[key]:
+                raise ValueError(
+                    f"the shards in {folder} hold {key}={meta[key]}, but the data config says {self.hparams[key]}; "
+                    f"set data.{key}={meta[key]} (the model takes its shape from the data config)"
+                )
+        return meta
+
+    def train_dataloader(self):
+        from litdata import StreamingDataLoader, StreamingDataset
+
+        dataset = StreamingDataset(
+            self.path,
+            cache_dir=self.hparams.cache_dir,
+            shuffle=True,
+            drop_last=True,
+            seed=self.hparams.seed,
+            transform=CheckRecord(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
+        )
+        if len(dataset) < self.batch_size:
+            raise ValueError(
+                f"{self.path} holds {len(dataset)} samples for this rank, fewer than one batch of {self.batch_size}"
+            )
+        workers = self.hparams.num_workers
+        return StreamingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self):
+        """The conditions of the sample grid drawn at each validation: `samples_per_class` columns
+        for each class of `sample_classes`, as (label, index) pairs; index seeds each sample's noise."""
+        labels = torch.tensor(list(self.hparams.sample_classes), dtype=torch.long)
+        labels = labels.repeat_interleave(self.hparams.samples_per_class)
+        return DataLoader(TensorDataset(labels, torch.arange(len(labels))), batch_size=max(1, len(labels)))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """On the device: pick the image or its flip, sample z ~ N(mean, std²), scale it."""
+        if not self.trainer.training:
+            return batch
+        return sample_latents(batch["posterior"], self.flip, self.scale_factor), batch["label"]
+
+
+def sample_latents(posterior, flip, scale_factor):
+    """(N, 2, 2, C, H, W) posteriors -> (N, C, H, W) latents: one of [image, flip] at random
+    (always the image when `flip` is off), then mean + std·ε, times the VAE scale factor."""
+    posterior = posterior.float()
+    n = posterior.shape[0]
+    if flip:
+        pick = torch.randint(0, 2, (n,), device=posterior.device)
+        chosen = posterior[torch.arange(n, device=posterior.device), pick]
+    else:
+        chosen = posterior[:, 0]
+    mean, std = chosen[:, 0], chosen[:, 1]
+    return (mean + std * torch.randn_like(mean)) * scale_factor
+
+
+class CheckRecord:
+    """Per-record check in the loader workers (cheap host-side ints): the label range and shape.
+    A bad record names itself rather than surfacing as a device-side assert later."""
+
+    def __init__(self, num_classes, channels, latent_size):
+        self.num_classes = num_classes
+        self.shape = (2, 2, channels, latent_size, latent_size)
+
+    def __call__(self, record):
+        label = record["label"]
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"a record has label {label}, outside [0, {self.num_classes - 1}] for this data config")
+        if tuple(record["posterior"].shape) != self.shape:
+            raise ValueError(f"a record's posterior has shape {tuple(record['posterior'].shape)}, expected {self.shape}")
+        return record
+

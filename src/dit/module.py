@@ -1,0 +1,160 @@
+"""The LightningModule: DiT backbone + the paper's diffusion loss, AdamW, and sample grids.
+
+The EMA of the weights (decay 0.9999 in the paper) is kept by Lightning's `WeightAveraging`
+callback (conf/callbacks/default.yaml): it swaps the EMA weights in for validation — where the
+sample grids are drawn, so grids show the EMA model — and saves them as the checkpoint's
+`state_dict` (the live weights go to `current_model_state`).
+"""
+
+import time
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+
+from dit.diffusion import create_diffusion, guided
+from dit.models import DiT
+
+
+class DiTModule(LightningModule):
+    """
+    Args:
+        model: keyword arguments of `dit.models.DiT` (conf/model, conf/patch, conf/conditioning).
+        optimizer: keyword arguments of `torch.optim.AdamW` (paper: lr 1e-4, no weight decay).
+        diffusion: keyword arguments of `create_diffusion` for training (paper: all 1000 steps).
+        sampling: how the sample grid is drawn every `trainer.val_check_interval` steps (its
+            classes come from the data): `steps` (respacing), `guidance_scale`, `guidance` variant
+            and `seed`.
+        init_from: a checkpoint (official `DiT-XL-2-256x256.pt`, an exported EMA, or a training
+            checkpoint's "ema") whose weights start the run.
+        compile: compile the backbone's forward with torch.compile.
+    """
+
+    def __init__(self, model, optimizer, diffusion, sampling, init_from=None, compile=False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = DiT(**model)
+        if init_from:
+            state = torch.load(init_from, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state.get("ema", state) if isinstance(state, dict) else state)
+        if compile:
+            self.model.compile()  # in place: state-dict keys stay those of the official layout
+        self.diffusion = create_diffusion(**diffusion)
+        self.sampler = create_diffusion(sampling["steps"], **{k: v for k, v in diffusion.items() if k != "timestep_respacing"})
+        self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
+        self._grid = []
+        self._timer = None
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        terms = self.diffusion.training_losses(self.model, x, t, dict(y=y))
+        loss = terms["loss"].mean()
+        # Device tensors: Lightning reads them on the host only every log_every_n_steps.
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/mse", terms["mse"].mean())
+        if "vb" in terms:
+            self.log("train/vb", terms["vb"].mean())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # a step Lightning logs
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Throughput over the last logging interval; one device sync per interval, not per step.
+        if self.global_step % self.trainer.log_every_n_steps:  # the step just taken is not logged
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now, step = time.perf_counter(), self.global_step
+        if self._timer is not None:
+            steps = step - self._timer[1]
+            steps_per_sec = steps / (now - self._timer[0])
+            images = batch[0].shape[0] * self.trainer.world_size
+            self.log("train/steps_per_sec", steps_per_sec)
+            self.log("train/images_per_sec", steps_per_sec * images)
+        self._timer = (now, step)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
+        options = dict(self.hparams.optimizer)
+        options.setdefault("fused", self.device.type == "cuda")
+        return torch.optim.AdamW(params, **options)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["config"] = self.run_config
+
+    # ------------------------------------------------------------------ sample grids (EMA weights)
+
+    def validation_step(self, batch, batch_idx):
+        s = self.hparams.sampling
+        labels, index = batch
+        m = self.model
+        # Each sample's starting noise comes from its own seed, so a grid is the same at every step
+        # of training and does not depend on how many devices drew it.
+        noise = torch.stack([
+            torch.randn(m.in_channels, m.input_size, m.input_size, generator=torch.Generator().manual_seed(s["seed"] + i))
+            for i in index.tolist()
+        ]).to(self.device)  # fmt: skip
+        generator = torch.Generator(device=self.device).manual_seed(s["seed"] + 1 + self.global_rank)
+        model = guided(m, s["guidance_scale"], s["guidance"])
+        z = self.sampler.p_sample_loop(model, noise.shape, noise, model_kwargs=dict(y=labels), generator=generator)
+        self._grid.append((index, z))
+
+    def on_validation_epoch_end(self):
+        index = torch.cat([i for i, _ in self._grid])
+        z = torch.cat([z for _, z in self._grid])
+        self._grid.clear()
+        # Over devices: (world, n, ...) gathered, flattened; on one device all_gather is identity.
+        index, z = self.all_gather(index).reshape(-1), self.all_gather(z).reshape(-1, *z.shape[1:])
+        if not self.trainer.is_global_zero:
+            return
+        order = torch.zeros(int(index.max()) + 1, dtype=torch.long)
+        order[index.cpu()] = torch.arange(len(index))  # duplicates from a padded sampler collapse
+        images = self.decode(z[order.to(z.device)])
+        grid = make_grid(images, nrow=self.trainer.datamodule.hparams.samples_per_class)
+        path = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png"
+        save_png(grid, path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("samples/grid", [str(path)], step=self.global_step)
+
+    def decode(self, z):
+        """Latents -> images in [0, 1]: latents that are pixels in [-1, 1] (the digits) as they are;
+        VAE latents previewed as their first 3 channels."""
+        scale = self.trainer.datamodule.scale_factor if self.trainer.datamodule is not None else 1.0
+        z = z.float() / scale
+        if z.shape[1] not in (1, 3):
+            z = z[:, :3] / z[:, :3].abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+        return ((z + 1) / 2).clamp(0, 1)
+
+
+def make_grid(images, nrow, pad=1):
+    """(N, C, H, W) in [0, 1] -> (C, rows·(H+pad)+pad, nrow·(W+pad)+pad), black gutters."""
+    n, c, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[k].cpu()
+    return grid
+
+
+def save_png(image, path, upscale=None):
+    """Write a (C, H, W) [0, 1] image (C = 1 or 3) as a PNG; small images are upscaled for eyes."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array[..., :3])
+    if upscale is None:
+        upscale = max(1, 256 // max(img.size))
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    img.save(path)
+    return path

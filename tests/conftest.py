@@ -1,0 +1,22 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py lives at the root
+
+# Tests never reach wandb's servers, whatever login the machine has.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.pop("WANDB_API_KEY", None)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The digits shards, written once per test session."""
+    from dit.digits import prepare_digits
+
+    path = tmp_path_factory.mktemp("data") / "digits"
+    prepare_digits(path)
+    return path

@@ -1,0 +1,130 @@
+"""The latent DataModule: shard format, sharding over ranks, resume, flips and posterior sampling."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dit.data import LatentDataModule, sample_latents, write_shards
+
+
+def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
+    """Shards whose record i has posterior mean i (image) and -i (flip), std 0, label i % classes."""
+    records = []
+    for i in range(n):
+        mean = np.stack([np.full((channels, size, size), i), np.full((channels, size, size), -i)])[:, None]
+        records.append((i % num_classes, np.concatenate([mean, np.zeros_like(mean)], axis=1)))
+    write_shards(records, path, dict(channels=channels, latent_size=size, num_classes=num_classes, source="test"),
+                 chunk_bytes="1KB")  # fmt: skip
+    return path
+
+
+def datamodule(path, world=1, batch=8, **kw):
+    args = dict(channels=2, latent_size=4, num_classes=10, global_batch_size=batch * world, num_workers=0,
+                scale_factor=1.0, flip=False)  # fmt: skip
+    dm = LatentDataModule(path, **(args | kw))
+    dm.trainer = SimpleNamespace(world_size=world, training=True)
+    dm.setup("fit")
+    return dm
+
+
+def record_ids(batch):
+    return batch["posterior"][:, 0, 0, 0, 0, 0].long().tolist()
+
+
+def test_epoch_is_shuffled_fixed_shape_and_complete(tmp_path):
+    dm = datamodule(numbered_shards(tmp_path / "s"), batch=8)
+    batches = list(dm.train_dataloader())
+    assert all(b["posterior"].shape == (8, 2, 2, 2, 4, 4) and b["posterior"].dtype == torch.float16 for b in batches)
+    ids = [i for b in batches for i in record_ids(b)]
+    assert sorted(ids) == list(range(64)) and ids != list(range(64))
+    assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
+
+
+def _rank_ids(rank, path, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29517), WORLD_SIZE="2", RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        dm = datamodule(path, world=2, batch=4)
+        ids = [i for b in dm.train_dataloader() for i in record_ids(b)]
+        (out / f"rank{rank}.json").write_text(json.dumps(ids))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_see_disjoint_parts(tmp_path):
+    path = numbered_shards(tmp_path / "s")
+    mp.spawn(_rank_ids, args=(path, tmp_path), nprocs=2)
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(a) == len(b) == 32 and not set(a) & set(b)
+    assert sorted(a + b) == list(range(64))
+
+
+def test_resumes_mid_epoch(tmp_path):
+    path = numbered_shards(tmp_path / "s")
+    full = [record_ids(b) for b in datamodule(path).train_dataloader()]
+    loader = datamodule(path).train_dataloader()
+    seen = []
+    for k, batch in enumerate(loader):
+        seen.append(record_ids(batch))
+        if k == 2:
+            state = loader.state_dict()
+            break
+    resumed = datamodule(path).train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [record_ids(b) for b in resumed]
+    assert seen + rest == full
+
+
+def test_flip_and_posterior_sampling_statistics():
+    torch.manual_seed(0)
+    n = 20000
+    post = torch.zeros(n, 2, 2, 1, 2, 2)
+    post[:, 0, 0] = 1.0   # image mean
+    post[:, 1, 0] = -1.0  # flip mean
+    post[:, :, 1] = 0.5   # std of both
+    z = sample_latents(post, flip=True, scale_factor=0.18215)
+    centred = z / 0.18215
+    picked_flip = (centred.mean(dim=(1, 2, 3)) < 0).float()
+    assert abs(picked_flip.mean().item() - 0.5) < 0.02
+    noise = centred - torch.where(picked_flip.bool()[:, None, None, None], -1.0, 1.0)
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 0.5) < 0.01
+    z = sample_latents(post, flip=False, scale_factor=1.0)
+    assert (z.mean(dim=(1, 2, 3)) > 0).all()  # never the flip
+    assert abs(z.mean().item() - 1.0) < 0.01
+
+
+def test_global_batch_must_divide_over_devices(tmp_path):
+    with pytest.raises(ValueError, match="global batch size 10 does not divide over 4 devices"):
+        datamodule(numbered_shards(tmp_path / "s"), world=4, batch=2, global_batch_size=10)
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: point data.path"):
+        datamodule(tmp_path / "nowhere")
+
+
+def test_shards_that_do_not_fit_the_config(tmp_path):
+    with pytest.raises(ValueError, match="hold channels=2, but the data config says 4; set data.channels=2"):
+        datamodule(numbered_shards(tmp_path / "s"), channels=4)
+
+
+def test_label_beyond_num_classes(tmp_path):
+    path = numbered_shards(tmp_path / "s", num_classes=20)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta | {"num_classes": 10}))  # a lying meta.json
+    with pytest.raises(ValueError, match=r"label 1\d, outside \[0, 9\]"):
+        list(datamodule(path).train_dataloader())
+
+
+def test_digits_shards(digits_dir):
+    dm = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128)
+    batch = next(iter(dm.train_dataloader()))
+    x, y = dm.on_after_batch_transfer(batch, 0)
+    assert x.shape == (128, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and y.max() <= 9
+    assert json.loads((digits_dir / "meta.json").read_text())["num_samples"] == 1797

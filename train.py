@@ -1,0 +1,107 @@
+"""Train a DiT. Every knob lives in conf/; this file only assembles the objects the config names.
+
+    python train.py experiment=quickstart                            # digits on the CPU, minutes
+    python train.py model=dit_xl patch=2 trainer=gpu                 # DiT-XL/2, one GPU
+    python train.py experiment=dit_xl2_256 trainer=ddp               # the paper's headline run
+    python train.py -m model=dit_s,dit_b,dit_l,dit_xl patch=2,4,8    # Table 4 grid (multirun)
+    python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on SLURM
+"""
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import lightning.pytorch.strategies.launchers.subprocess_script as lightning_launcher
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dit.flops import describe
+from dit.models import DiT, config_name
+
+
+def wandb_offline():
+    """wandb stays offline unless the user has set it up, so no run fails for want of a network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return True
+
+
+def sweep_group():
+    """The sweep's folder in a multirun (so wandb groups its jobs), None for a single run."""
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def ddp_child_command(local_rank):
+    """The command Lightning runs for DDP ranks 1..N-1 on this node.
+
+    Lightning re-runs the script with the parent's own arguments; in a multirun those are the whole
+    sweep, so every child would start a sweep of its own and the job hangs (a known DDP + Hydra
+    multirun failure). The children start from this job's saved config instead, in its folder.
+    """
+    hydra_cfg = HydraConfig.get()
+    job_dir = hydra_cfg.runtime.output_dir
+    command = [sys.executable, os.path.abspath(sys.argv[0]), "-cp", os.path.join(job_dir, hydra_cfg.output_subdir),
+               "-cn", "config", f"hydra.run.dir={job_dir}", "hydra.output_subdir=null",
+               f"hydra.job.name=train_ddp_process_{local_rank}"]  # fmt: skip
+    return command, hydra.utils.get_original_cwd()
+
+
+lightning_launcher._hydra_subprocess_cmd = ddp_child_command
+OmegaConf.register_new_resolver("dit_name", lambda depth, width, patch: config_name(depth, width, patch), replace=True)
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig):
+    L.seed_everything(cfg.seed, workers=True)
+    with torch.device("meta"):
+        summary = describe(DiT(**cfg.model))
+    print(
+        f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
+        f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
+    )
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.module, _convert_="all")
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger:
+        # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
+        logger.log_hyperparams(
+            dict(model_name=summary["name"], patch=cfg.model.patch_size, conditioning=summary["conditioning"],
+                 gflops=summary["gflops"], params=summary["params"], tokens=summary["tokens"])  # fmt: skip
+        )
+    ddp_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    finally:
+        if logger and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()  # one wandb run per job of a multirun
+        # Lightning leaves the DDP process group and its environment behind; the next job of a
+        # multirun would take them as ranks started by someone else and wait for ranks that are gone.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in ddp_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return Path(trainer.default_root_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dit.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume
 from dit.flops import describe
 from dit.models import DiT, config_name
 
@@ -57,6 +58,7 @@ def ddp_child_command(local_rank):
 
 
 lightning_launcher._hydra_subprocess_cmd = ddp_child_command
+OmegaConf.register_new_resolver("run_folder", lambda name, stamp: name or stamp, replace=True)
 OmegaConf.register_new_resolver("dit_name", lambda depth, width, patch: config_name(depth, width, patch), replace=True)
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
@@ -71,12 +73,23 @@ def main(cfg: DictConfig):
         f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
         f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
     )
-    datamodule = instantiate(cfg.data)
+    if cfg.resume == "auto" and not cfg.name:
+        raise ValueError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
+    out = Path(cfg.output_dir)
+    ckpt_path = checkpoint_to_resume(cfg.resume, out / "checkpoints")
+    datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = False
+    if cfg.get("logger"):
+        # A resumed run logs into the same wandb run: its id is kept in the run's folder.
+        wandb_id = out / "wandb_run_id"
+        resumed = dict(id=wandb_id.read_text(), resume="allow") if "Wandb" in cfg.logger._target_ and wandb_id.exists() else {}
+        logger = instantiate(cfg.logger, **resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    if logger and "Wandb" in cfg.logger._target_ and trainer.is_global_zero:
+        wandb_id.write_text(logger.experiment.id)
     if logger:
         # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
         logger.log_hyperparams(
@@ -85,7 +98,8 @@ def main(cfg: DictConfig):
         )
     ddp_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        # weights_only=False: the run's own checkpoints also hold RNG states and its config
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     finally:
         if logger and type(logger).__name__ == "WandbLogger":
             import wandb
@@ -100,7 +114,12 @@ def main(cfg: DictConfig):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    return Path(trainer.default_root_dir)
+    stop = next((c for c in callbacks if isinstance(c, StopCheckpoint)), None)
+    if stop is not None and stop.saved is not None:
+        print(f"received {stop.received}: saved {stop.saved} at step {trainer.global_step}; "
+              f"exiting with code {PREEMPTED_EXIT_CODE} (requeue, then resume=auto continues)")  # fmt: skip
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return out
 
 
 if __name__ == "__main__":

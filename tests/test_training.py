@@ -98,7 +98,7 @@ def test_training_run_checkpoint_ema_and_export(tmp_path, digits_dir):
     ema, live = backbone_weights(ckpt, "ema"), backbone_weights(ckpt, "live")
     assert not torch.equal(ema["blocks.0.attn.qkv.weight"], live["blocks.0.attn.qkv.weight"])
     assert (tmp_path / "samples" / "step_0000015.png").exists() and (tmp_path / "samples" / "step_0000030.png").exists()
-    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     for name in ["train/loss", "train/mse", "train/vb", "train/grad_norm", "train/images_per_sec", "train/steps_per_sec", "lr-AdamW"]:
         assert name in metrics.splitlines()[0], name
     # export: a bare state dict in the official layout, loaded by DiT.from_state_dict
@@ -150,6 +150,9 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode != 0 and "patch size 3 does not divide the latent size 8" in result.stderr
+    # ...and the sweep ends by listing the failed job with its overrides
+    assert "1 of 3 jobs of the sweep failed:" in result.stderr.split("Traceback")[-1]
+    assert "patch=3" in result.stderr.split("jobs of the sweep failed:")[1]
     jobs = sorted((tmp_path / "sweep").iterdir())
     assert [j.name for j in jobs if j.is_dir()] == ["0", "1", "2"]
     for job, name in [("0", "DiT-custom/2"), ("2", "DiT-custom/4")]:

@@ -151,6 +151,9 @@ class LatentDataModule(LightningDataModule):
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            # Its own generator: starting an epoch's iterator then draws no number from the global
+            # RNG, whose state checkpoints restore (an exact resume starts mid-epoch).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def val_dataloader(self):

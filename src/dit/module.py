@@ -6,14 +6,16 @@ sample grids are drawn, so grids show the EMA model — and saves them as the ch
 `state_dict` (the live weights go to `current_model_state`).
 """
 
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning import LightningModule
 
 from dit.diffusion import create_diffusion, guided
-from dit.models import DiT
+from dit.models import DiT, describe_state_dict
 
 
 class DiTModule(LightningModule):
@@ -28,9 +30,12 @@ class DiTModule(LightningModule):
         init_from: a checkpoint (official `DiT-XL-2-256x256.pt`, an exported EMA, or a training
             checkpoint's "ema") whose weights start the run.
         compile: compile the backbone's forward with torch.compile.
+        max_nonfinite_in_a_row: a NaN/Inf loss skips its update and is counted; this many in a row
+            save the last good state as last.ckpt and stop the run (0: no guard, no host read
+            of the loss per step).
     """
 
-    def __init__(self, model, optimizer, diffusion, sampling, init_from=None, compile=False):
+    def __init__(self, model, optimizer, diffusion, sampling, init_from=None, compile=False, max_nonfinite_in_a_row=10):
         super().__init__()
         self.save_hyperparameters()
         self.model = DiT(**model)
@@ -44,6 +49,8 @@ class DiTModule(LightningModule):
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self._grid = []
         self._timer = None
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
 
     # ------------------------------------------------------------------ training
 
@@ -52,12 +59,35 @@ class DiTModule(LightningModule):
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
         terms = self.diffusion.training_losses(self.model, x, t, dict(y=y))
         loss = terms["loss"].mean()
+        if self.hparams.max_nonfinite_in_a_row and not self._finite(loss):
+            return None  # Lightning skips the backward pass and the update
         # Device tensors: Lightning reads them on the host only every log_every_n_steps.
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/mse", terms["mse"].mean())
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())
         return loss
+
+    def _finite(self, loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:  # every rank skips together, or DDP would hang
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total))
+        limit = self.hparams.max_nonfinite_in_a_row
+        print(f"step {self.global_step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row of {limit} allowed)")
+        if self.nonfinite_in_a_row >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
+            raise FloatingPointError(
+                f"{limit} non-finite losses in a row at step {self.global_step}; the last good state is saved in "
+                f"{path}. Lower the learning rate or use fp32 (trainer.precision=32-true), then resume=auto"
+            )
+        return False
 
     def on_before_optimizer_step(self, optimizer):
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # a step Lightning logs
@@ -79,6 +109,14 @@ class DiTModule(LightningModule):
             self.log("train/images_per_sec", steps_per_sec * images)
         self._timer = (now, step)
 
+    def on_train_epoch_end(self):
+        # litdata's loader keeps replaying a restored (mid-epoch) position until one of its epochs
+        # runs into StopIteration, which Lightning never asks for: it knows the length and stops
+        # first. Without this, every epoch after an exact resume would repeat the resumed one.
+        loader = self.trainer.train_dataloader
+        if getattr(loader, "restore", False):
+            loader.restore = False
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
         options = dict(self.hparams.optimizer)
@@ -87,6 +125,30 @@ class DiTModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["config"] = self.run_config
+        # Every RNG the training step draws from, so a resumed run repeats the same steps.
+        checkpoint["rng"] = dict(
+            torch=torch.get_rng_state(),
+            cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            numpy=np.random.get_state(),
+            python=random.getstate(),
+        )
+        checkpoint["nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint):
+        theirs = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        if describe_state_dict(theirs) != describe_state_dict(self.model.state_dict()):
+            raise ValueError(
+                f"the checkpoint holds {describe_state_dict(theirs)}, but this run builds "
+                f"{describe_state_dict(self.model.state_dict())}; resume with the config it was trained with"
+            )
+        rng = checkpoint.get("rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        self.nonfinite_total = checkpoint.get("nonfinite_total", 0)
 
     # ------------------------------------------------------------------ sample grids (EMA weights)
 

@@ -64,6 +64,42 @@ OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 
 
+# The knobs most often typed on the command line, and their types: a wrong one fails here, by name,
+# rather than as a TypeError deep inside Lightning or torch.
+NUMERIC_KNOBS = {
+    "seed": int, "patch": int, "trainer.max_steps": int, "trainer.log_every_n_steps": int,
+    "trainer.val_check_interval": int, "data.global_batch_size": int, "data.num_workers": int,
+    "module.optimizer.lr": float, "module.optimizer.weight_decay": float,
+}  # fmt: skip
+
+
+def check_config(cfg):
+    """Clear, one-line errors for a wrong value type and for hardware the machine does not have."""
+    for key, kind in NUMERIC_KNOBS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
+            raise TypeError(f"{key} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    accelerator = cfg.trainer.get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
+            "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
+        )
+    if accelerator == "tpu":
+        try:
+            import torch_xla  # noqa: F401
+        except ImportError:
+            raise RuntimeError('trainer=tpu_v3 needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
+        from lightning.fabric.accelerators.xla import XLAAccelerator
+
+        try:
+            has_tpu = XLAAccelerator.is_available()
+        except Exception:  # torch_xla asks the cloud's metadata server, unreachable off a TPU VM
+            has_tpu = False
+        if not has_tpu:
+            raise RuntimeError("trainer=tpu_v3 but this machine has no TPU; use trainer=gpu or trainer=cpu here")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
     L.seed_everything(cfg.seed, workers=True)
@@ -73,6 +109,7 @@ def main(cfg: DictConfig):
         f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
         f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
     )
+    check_config(cfg)
     if cfg.resume == "auto" and not cfg.name:
         raise ValueError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
     out = Path(cfg.output_dir)

@@ -119,6 +119,7 @@ class LatentDataModule(LightningDataModule):
                 f"data folder {folder} {what}: point data.path at a folder of latent shards "
                 "(written by dit.extract or dit.data.write_shards)"
             )
+        check_shards(folder)
         meta = json.loads((folder / META_FILE).read_text())
         for key in ("channels", "latent_size", "num_classes"):
             if meta[key] != self.hparams[key]:
@@ -168,6 +169,23 @@ class LatentDataModule(LightningDataModule):
         if not self.trainer.training:
             return batch
         return sample_latents(batch["posterior"], self.flip, self.scale_factor), batch["label"]
+
+
+def check_shards(folder):
+    """Every chunk litdata's index names is there and whole (a stat per file, no reading): a
+    truncated or missing shard fails here, naming itself, not deep inside a loader worker."""
+    index = folder / "index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{folder} has no index.json: it is not a folder of litdata shards")
+    for chunk in json.loads(index.read_text())["chunks"]:
+        path = folder / chunk["filename"]
+        if not path.exists():
+            raise FileNotFoundError(f"shard {path} is missing; restore it or write the shards again")
+        if path.stat().st_size != chunk["chunk_bytes"]:
+            raise ValueError(
+                f"shard {path} is truncated or corrupt ({path.stat().st_size} bytes, the index says "
+                f"{chunk['chunk_bytes']}); restore it or write the shards again"
+            )
 
 
 def sample_latents(posterior, flip, scale_factor):

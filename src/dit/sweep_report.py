@@ -17,8 +17,14 @@ class FailedJobsReport(Callback):
     def __init__(self):
         self.failed = []
         self.jobs = 0
+        self.sweeping = False  # a single run's failure is reported by Hydra alone
+
+    def on_multirun_start(self, config, **kwargs):
+        self.sweeping = True
 
     def on_job_end(self, config, job_return, **kwargs):
+        if not self.sweeping:
+            return
         self.jobs += 1
         if job_return.status == JobStatus.FAILED:
             if not self.failed:

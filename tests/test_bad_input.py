@@ -65,3 +65,15 @@ def test_labels_beyond_num_classes_in_the_model():
     model = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\] for 10 classes, got labels in \[0, 12\]"):
         model(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), torch.tensor([0, 12]))
+
+
+def test_tpu_preset_without_torch_xla(monkeypatch, tmp_path):
+    import sys
+
+    import train
+    from test_training import compose_cfg
+
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # as if not installed
+    cfg = compose_cfg(["trainer=tpu_v3"], tmp_path)
+    with pytest.raises(RuntimeError, match=r"trainer=tpu_v3 needs torch_xla: pip install -e \".\[tpu\]\""):
+        train.check_config(cfg)

@@ -83,9 +83,11 @@ def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, s
     deadline = time.time() + 300
     while not metrics.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    signalled = time.time()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert time.time() - signalled < 30  # within a grace period: no sample grid drawn on the way out
     assert f"received {sig.name}" in out
     ckpt = read_checkpoint(tmp_path / "outputs" / "pre" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] >= 10
@@ -174,3 +176,11 @@ def test_resumed_wandb_run_keeps_its_id(tmp_path, digits_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     runs = sorted((tmp_path / "outputs" / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
+def test_only_the_newest_k_checkpoints_are_kept(tmp_path, digits_dir):
+    result = run_train(args(digits_dir, "trainer.max_steps=10", "name=k", "callbacks.checkpoint.every_n_train_steps=2",
+                            "callbacks.checkpoint.save_top_k=2"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = sorted(p.name for p in (tmp_path / "outputs" / "k" / "checkpoints").glob("*.ckpt"))
+    assert kept == ["last.ckpt", "step=0000008.ckpt", "step=0000010.ckpt"]

@@ -117,3 +117,4 @@ class StopCheckpoint(Callback):
             self.saved = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(self.saved)
             trainer.should_stop = True
+            trainer.limit_val_batches = 0  # Lightning would draw a sample grid before stopping: no time for it

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from dit.models import describe_state_dict
+from dit.models import backbone_state_dict, describe_state_dict
 
 
 def backbone_weights(checkpoint, which="ema"):
@@ -22,8 +22,8 @@ def backbone_weights(checkpoint, which="ema"):
     has_ema = "current_model_state" in checkpoint
     if which == "ema" and not has_ema:
         raise ValueError("this checkpoint holds no EMA weights (trained without the ema callback); export --weights live")
-    state = checkpoint["state_dict"] if which == "ema" or not has_ema else checkpoint["current_model_state"]
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    live = which == "live" and has_ema
+    return backbone_state_dict({"state_dict": checkpoint["current_model_state"]} if live else checkpoint)
 
 
 def main(argv=None):

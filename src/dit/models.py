@@ -357,11 +357,10 @@ class DiT(nn.Module):
 
     @classmethod
     def from_state_dict(cls, state_dict, **overrides):
-        """Build the model a checkpoint describes (bare state dict, or one under "ema"/"model")
-        and load it strictly. Official checkpoints give DiT-XL/2 with adaLN-Zero. Weights do not
+        """Build the model a checkpoint describes (any of `backbone_state_dict`'s forms) and load
+        it strictly. Official checkpoints give DiT-XL/2 with adaLN-Zero. Weights do not
         record the head count: pass `num_heads=` for a width off the paper's table."""
-        if "ema" in state_dict or "model" in state_dict:
-            state_dict = state_dict.get("ema", state_dict.get("model"))
+        state_dict = backbone_state_dict(state_dict)
         model = cls(**(infer_config(state_dict) | overrides))
         model.load_state_dict(state_dict)
         return model
@@ -390,6 +389,17 @@ def sincos_pos_embed_2d(dim, grid_size):
 #################################################################################
 #                     Reading a checkpoint's config from its weights            #
 #################################################################################
+
+
+def backbone_state_dict(checkpoint):
+    """The DiT weights inside any checkpoint this project meets: a bare state dict (the official
+    `DiT-XL-2-256x256.pt`, `python -m dit.export`), an official training checkpoint (its "ema"),
+    or a train.py checkpoint (its Lightning "state_dict", which holds the EMA under "model.")."""
+    if "ema" in checkpoint:
+        return checkpoint["ema"]
+    if "state_dict" in checkpoint:
+        return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return checkpoint
 
 
 def infer_config(state_dict):

@@ -15,20 +15,20 @@ import torch
 from lightning import LightningModule
 
 from dit.diffusion import create_diffusion, guided
-from dit.models import DiT, describe_state_dict
+from dit.models import DiT, backbone_state_dict, describe_state_dict
 
 
 class DiTModule(LightningModule):
     """
     Args:
-        model: keyword arguments of `dit.models.DiT` (conf/model, conf/patch, conf/conditioning).
+        model: keyword arguments of `dit.models.DiT` (conf/model, `patch`, conf/conditioning).
         optimizer: keyword arguments of `torch.optim.AdamW` (paper: lr 1e-4, no weight decay).
         diffusion: keyword arguments of `create_diffusion` for training (paper: all 1000 steps).
         sampling: how the sample grid is drawn every `trainer.val_check_interval` steps (its
             classes come from the data): `steps` (respacing), `guidance_scale`, `guidance` variant
             and `seed`.
-        init_from: a checkpoint (official `DiT-XL-2-256x256.pt`, an exported EMA, or a training
-            checkpoint's "ema") whose weights start the run.
+        init_from: a checkpoint whose (EMA) weights start the run: the official
+            `DiT-XL-2-256x256.pt`, an official training checkpoint, an export, or a train.py checkpoint.
         compile: compile the backbone's forward with torch.compile.
         max_nonfinite_in_a_row: a NaN/Inf loss skips its update and is counted; this many in a row
             save the last good state as last.ckpt and stop the run (0: no guard, no host read
@@ -40,8 +40,7 @@ class DiTModule(LightningModule):
         self.save_hyperparameters()
         self.model = DiT(**model)
         if init_from:
-            state = torch.load(init_from, map_location="cpu", weights_only=False)
-            self.model.load_state_dict(state.get("ema", state) if isinstance(state, dict) else state)
+            self.model.load_state_dict(backbone_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)))
         if compile:
             self.model.compile()  # in place: state-dict keys stay those of the official layout
         self.diffusion = create_diffusion(**diffusion)
@@ -135,7 +134,7 @@ class DiTModule(LightningModule):
         checkpoint["nonfinite_total"] = self.nonfinite_total
 
     def on_load_checkpoint(self, checkpoint):
-        theirs = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        theirs = backbone_state_dict(checkpoint)
         if describe_state_dict(theirs) != describe_state_dict(self.model.state_dict()):
             raise ValueError(
                 f"the checkpoint holds {describe_state_dict(theirs)}, but this run builds "

@@ -102,6 +102,7 @@ def check_config(cfg):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    check_config(cfg)  # before anything reads the values it checks
     L.seed_everything(cfg.seed, workers=True)
     with torch.device("meta"):
         summary = describe(DiT(**cfg.model))
@@ -109,7 +110,6 @@ def main(cfg: DictConfig):
         f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
         f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
     )
-    check_config(cfg)
     if cfg.resume == "auto" and not cfg.name:
         raise ValueError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
     out = Path(cfg.output_dir)
@@ -119,13 +119,13 @@ def main(cfg: DictConfig):
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     logger = False
+    is_wandb = bool(cfg.get("logger")) and cfg.logger._target_.endswith("WandbLogger")
+    wandb_id = out / "wandb_run_id"  # a resumed run logs into the same wandb run
     if cfg.get("logger"):
-        # A resumed run logs into the same wandb run: its id is kept in the run's folder.
-        wandb_id = out / "wandb_run_id"
-        resumed = dict(id=wandb_id.read_text(), resume="allow") if "Wandb" in cfg.logger._target_ and wandb_id.exists() else {}
+        resumed = dict(id=wandb_id.read_text(), resume="allow") if is_wandb and wandb_id.exists() else {}
         logger = instantiate(cfg.logger, **resumed)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    if logger and "Wandb" in cfg.logger._target_ and trainer.is_global_zero:
+    if is_wandb and trainer.is_global_zero:
         wandb_id.write_text(logger.experiment.id)
     if logger:
         # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
@@ -138,7 +138,7 @@ def main(cfg: DictConfig):
         # weights_only=False: the run's own checkpoints also hold RNG states and its config
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     finally:
-        if logger and type(logger).__name__ == "WandbLogger":
+        if is_wandb:
             import wandb
 
             wandb.finish()  # one wandb run per job of a multirun

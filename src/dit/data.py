@@ -53,8 +53,6 @@ def _to_record(item):
     return {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
 
 
-
-
 class LatentDataModule(LightningDataModule):
     """Streams latent shards from a local folder or an object store (`s3://…`, `gs://…`).
 
@@ -91,12 +89,11 @@ class LatentDataModule(LightningDataModule):
         """Build the shards of a bundled dataset (`prepare: digits`) once, on one process."""
         prepare = self.hparams.prepare
         if prepare and not (Path(self.path) / META_FILE).exists():
+            if prepare != "digits":
+                raise ValueError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")
             from dit.digits import prepare_digits
 
-            preparers = {"digits": prepare_digits}
-            if prepare not in preparers:
-                raise ValueError(f"unknown data preparer {prepare!r}; choose one of {', '.join(preparers)}")
-            preparers[prepare](self.path)
+            prepare_digits(self.path)
 
     def setup(self, stage=None):
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -106,18 +103,18 @@ class LatentDataModule(LightningDataModule):
                 f"use a multiple of {world} (data.global_batch_size=...)"
             )
         self.batch_size = self.hparams.global_batch_size // world
-        self.meta = self.read_meta()
+        self.check_shards_fit()
 
-    def read_meta(self):
-        """meta.json of the shards, checked against what this data config says they hold."""
+    def check_shards_fit(self):
+        """The shards are there, whole, and hold what this data config says (meta.json)."""
         if "://" in self.path:
-            return None  # an object store: litdata's own index is checked when streaming starts
+            return  # an object store: litdata's own index is checked when streaming starts
         folder = Path(self.path)
         if not (folder / META_FILE).exists():
             what = "does not exist" if not folder.exists() else f"holds no {META_FILE}"
             raise FileNotFoundError(
                 f"data folder {folder} {what}: point data.path at a folder of latent shards "
-                "(written by dit.extract or dit.data.write_shards)"
+                "(written by dit.data.write_shards)"
             )
         check_shards(folder)
         meta = json.loads((folder / META_FILE).read_text())
@@ -127,7 +124,6 @@ class LatentDataModule(LightningDataModule):
                     f"the shards in {folder} hold {key}={meta[key]}, but the data config says {self.hparams[key]}; "
                     f"set data.{key}={meta[key]} (the model takes its shape from the data config)"
                 )
-        return meta
 
     def train_dataloader(self):
         from litdata import StreamingDataLoader, StreamingDataset

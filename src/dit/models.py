@@ -11,6 +11,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
@@ -230,6 +231,7 @@ class DiT(nn.Module):
         num_classes=1000,
         learn_sigma=True,
         conditioning="adaln_zero",
+        activation_checkpointing=False,
     ):
         super().__init__()
         if conditioning not in CONDITIONINGS:
@@ -247,6 +249,9 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.conditioning = conditioning
+        # Recompute each block's activations in the backward pass instead of keeping them: about
+        # a third more compute for a fraction of the memory (DiT-XL/2 at large per-GPU batches).
+        self.activation_checkpointing = activation_checkpointing
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -318,7 +323,10 @@ class DiT(nn.Module):
         if self.conditioning == "in_context":
             tokens = torch.cat([c, tokens], dim=1)  # appended like ViT's cls token, no position
         for block in self.blocks:
-            tokens = block(tokens, c)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
         if self.conditioning == "in_context":
             tokens = tokens[:, 2:]  # §3.2: removed after the final block
         return self.unpatchify(self.final_layer(tokens, c))

@@ -1,0 +1,72 @@
+"""The benchmark command (dit.benchmark) on the CPU, and the pieces of the fast step that a CPU
+can check: activation checkpointing changes nothing but memory, compile choices are validated."""
+
+import json
+
+import pytest
+import torch
+
+from dit.benchmark import main, model_kwargs
+from dit.diffusion import create_diffusion
+from dit.flops import count_gflops
+from dit.models import DiT
+
+
+def test_benchmark_command_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+          "--sampler", "--sample-steps", "3", "--sample-batch-size", "2", "--json", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())
+    with torch.device("meta"):
+        paper_gflops = count_gflops(DiT(**model_kwargs("DiT-S/8", 64)))
+    # 2 FLOPs per multiply-add; a training step is forward + backward = 3 forwards
+    assert r["forward_gflop_per_image"] == pytest.approx(2 * paper_gflops)
+    assert r["train_gflop_per_image"] == pytest.approx(3 * r["forward_gflop_per_image"])
+    assert r["device"] == "cpu" and r["precision"] == "32-true" and r["matmul_dtype"] == "float32"
+    assert r["matmul_tflops"] > 0 and r["train_images_per_sec"] > 0 and r["train_step_ms"] > 0
+    # images/s and step time describe the same timed steps
+    assert r["train_images_per_sec"] == pytest.approx(4 / (r["train_step_ms"] / 1e3))
+    assert 0 < r["train_mfu"] < 1 and r["train_mfu"] == pytest.approx(r["train_tflops_per_device"] / r["matmul_tflops"])
+    # 3 DDPM steps, each one batched forward over the conditional and unconditional halves
+    assert r["sampler_forwards_per_image"] == 6 and 0 < r["sampler_mfu"] < 1
+    printed = capsys.readouterr().out
+    assert "% of the matmul rate" in printed and "sampler, batch 2" in printed
+
+
+def test_xl2_flops_per_image():
+    """The figure MFU rests on: DiT-XL/2 at 256px is 118.6 Gflops in the paper's convention (MACs),
+    so 237 GFLOP forward and 712 GFLOP per trained image (shared/DIT_FACTS.md)."""
+    with torch.device("meta"):
+        forward = 2 * count_gflops(DiT(**model_kwargs("DiT-XL/2", 256)))
+    assert forward == pytest.approx(237.3, abs=0.2) and 3 * forward == pytest.approx(712, abs=1)
+
+
+def test_activation_checkpointing_changes_only_memory():
+    torch.manual_seed(0)
+    kwargs = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10,
+                  class_dropout_prob=0.0)  # fmt: skip
+    plain, checkpointed = DiT(**kwargs), DiT(**kwargs, activation_checkpointing=True)
+    for p in plain.parameters():
+        p.data.normal_(0, 0.05)  # not the zero init, so every block matters
+    checkpointed.load_state_dict(plain.state_dict())
+    diffusion = create_diffusion("")
+    x, t, y, noise = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 2, 3, 4]), torch.randn(4, 4, 8, 8)
+    losses = []
+    for model in (plain, checkpointed):
+        loss = diffusion.training_losses(model.train(), x, t, dict(y=y), noise=noise)["loss"].mean()
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_unknown_compile_choice_is_refused(tmp_path, digits_dir):
+    from test_training import quick_cfg
+
+    import train
+
+    cfg = quick_cfg(tmp_path, digits_dir, "module.compile=fast", "trainer.max_steps=1", "~callbacks.digits_accuracy")
+    with pytest.raises(ValueError, match="module.compile='fast'; use one of .*reduce-overhead"):
+        train.main(cfg)

@@ -162,15 +162,17 @@ def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extr
 
 def test_bf16_posterior_stays_close_to_fp32():
     """The error `--precision bf16` brings, measured on the random VAE (the real weights cannot be
-    fetched here): the mean moves by ~1% of its RMS, the std by ~1% relative."""
+    fetched here): the mean moves by ~1.2% of its RMS (RMS of the error; ≤ 7% at worst over elements),
+    the std by ≤ 1% relative. Tolerances: 3% and 15%, 2% for the std."""
     vae = tiny_vae()
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean32, std32 = encode(vae, images)
     mean16, std16 = encode(vae.to(torch.bfloat16), images)
-    mean_error = ((mean16 - mean32).abs().max() / mean32.pow(2).mean().sqrt()).item()
+    rms = mean32.pow(2).mean().sqrt()
+    mean_error, worst = ((mean16 - mean32).pow(2).mean().sqrt() / rms).item(), ((mean16 - mean32).abs().max() / rms).item()
     std_error = ((std16 - std32).abs() / std32).max().item()
-    print(f"bf16 vs fp32: max |Δmean| = {mean_error:.2%} of RMS(mean), max |Δstd|/std = {std_error:.2%}")
-    assert mean_error < 0.05 and std_error < 0.05
+    print(f"bf16 vs fp32: RMS(Δmean) = {mean_error:.2%}, max |Δmean| = {worst:.2%} of RMS(mean); max |Δstd|/std = {std_error:.2%}")
+    assert mean_error < 0.03 and worst < 0.15 and std_error < 0.02
 
 
 def test_bad_input_is_named(tmp_path, vae_dir):

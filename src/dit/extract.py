@@ -206,7 +206,7 @@ def main(argv=None):
         )  # fmt: skip
     total = sum(len(files[p * args.part_size : (p + 1) * args.part_size]) for p in todo)
     start = time.perf_counter()
-    with tqdm(total=total, unit="img", desc=f"rank {rank}", disable=None) as progress:
+    with tqdm(total=total, unit="img", desc=f"rank {rank}") as progress:
         for p in todo:
             records, skipped = encode_part(files[p * args.part_size : (p + 1) * args.part_size], vae,
                                            args.resolution, args.batch_size, args.num_workers, progress)  # fmt: skip

@@ -16,10 +16,11 @@ is renamed into place in one step, so a rerun of the same command skips it: an i
 where it stopped. The rank that finishes last links every part's shards into `<out_dir>` with one
 index.json and meta.json. An image that cannot be decoded is skipped, counted and listed at the end.
 
-Precision: fp32 by default. `--precision bf16` runs the VAE in bfloat16 on the GPU, about twice as
-fast. On a random VAE of the SD layout (tests/test_extract.py) the posterior mean moves by 1.2% of
-its RMS (RMS of the error; up to 7% for single elements) and the std by under 1%. The real VAE could
-not be checked here (no weights offline): compare a few batches in both precisions before using it.
+Precision: fp32 by default. `--precision bf16` runs the VAE in bfloat16 on the GPU (its speed-up
+is not measured yet). On a small random VAE of the SD layout (tests/test_extract.py) the posterior
+mean moves by 1.2% of its RMS (RMS of the error; up to 7% for single elements) and the std by under
+1%. The real VAE could not be checked here (no weights offline): compare a few batches in both
+precisions before using it.
 """
 
 import argparse

@@ -22,6 +22,7 @@ a generator seeded with (seed, k), and batches go round-robin to the devices; so
 depend on the number of devices (for one device type and batch size B). A batch whose PNGs all
 exist is skipped: rerunning the same command resumes a long run. Several GPUs (or CPU processes)
 run through Lightning Fabric's DDP launcher; each draws its own batches, rank 0 writes the .npz.
+Tested on CPU processes (gloo); not yet run on GPUs or TPU cores (--accelerator tpu is untried).
 """
 
 import argparse
@@ -133,7 +134,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="samples per batch per device (official: 32)")
     parser.add_argument("--devices", default="auto", help="how many devices; auto: every GPU (one process on a CPU)")
-    parser.add_argument("--accelerator", default="auto", help="cpu, cuda, tpu or auto (Lightning Fabric)")
+    parser.add_argument("--accelerator", default="auto", help="cpu, cuda or auto (Lightning Fabric)")
     parser.add_argument("--precision", choices=["tf32", "fp32", "bf16"], default="tf32", help="GPU matmuls (official: TF32)")
     parser.add_argument("--num-heads", type=int, help="for a bare state dict of a width off the paper's table")
     args = parser.parse_args(argv)

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, digits_dir):
-    """The last.ckpt of a 20-step quickstart run (real digits, EMA decay 0.9)."""
+    """The last.ckpt of a 12-step quickstart run (real digits, EMA decay 0.9)."""
     out = tmp_path_factory.mktemp("run")
-    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=20", "data.global_batch_size=32", "trainer.val_check_interval=20",
+    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=12", "data.global_batch_size=32", "trainer.val_check_interval=12",
                     "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy")  # fmt: skip
     train.main(cfg)
     return out / "checkpoints" / "last.ckpt"

@@ -1,0 +1,151 @@
+"""Sample from a DiT checkpoint: a folder of PNGs, a grid, and the .npz that ADM's evaluation suite
+reads (`arr_0`, N×H×W×3 uint8), as the official sample_ddp.py (DIT_FACTS.md §4).
+
+    # FID-50K of the headline (paper Table 2): cfg 1.5, 250 DDPM steps, ft-EMA decoder, all GPUs
+    python -m dit.sample DiT-XL-2-256x256.pt samples/xl2-256-cfg1.5 --num-samples 50000 --cfg-scale 1.5 --vae ema
+    # Table 4 and the scaling study: no guidance, ft-MSE decoder
+    python -m dit.sample outputs/b4/checkpoints/last.ckpt samples/b4 --num-samples 50000 --cfg-scale 1 --vae mse
+    # a few pictures of chosen classes, as the paper's figures (cfg 4.0)
+    python -m dit.sample DiT-XL-2-256x256.pt samples/figure --num-samples 16 --classes 207,360,387,974 --cfg-scale 4
+    # then: python evaluator.py VIRTUAL_imagenet256_labeled.npz samples/xl2-256-cfg1.5.npz  (ADM's suite)
+
+Writes `<out_dir>/{index:06d}.png`, `<out_dir>.npz` and the grid `<out_dir>.png`.
+
+Checkpoints: a train.py checkpoint (its config says the model and the data; its `state_dict` holds
+the EMA weights), an export of `python -m dit.export`, or the official `DiT-XL-2-256x256.pt`; a bare
+state dict describes its model (DiT.from_state_dict) and is taken as VAE latents when it has 4
+channels, as pixels when it has 1 or 3. Pixel-space models (the quickstart's digits) are saved as
+they are; VAE latents are decoded with the Stable Diffusion VAE (dit.vae).
+
+Determinism: batch k holds samples [kB, (k+1)B), its labels, noise and every step's noise come from
+a generator seeded with (seed, k), and batches go round-robin to the devices; so the images do not
+depend on the number of devices (for one device type and batch size B). A batch whose PNGs all
+exist is skipped: rerunning the same command resumes a long run. Several GPUs (or CPU processes)
+run through Lightning Fabric's DDP launcher; each draws its own batches, rank 0 writes the .npz.
+Tested on CPU processes (gloo); not yet run on GPUs or TPU cores (--accelerator tpu is untried).
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.fabric import Fabric
+from PIL import Image
+from tqdm import tqdm
+
+from dit.diffusion import GUIDANCE_VARIANTS, create_diffusion, guided
+from dit.models import DiT, backbone_state_dict
+from dit.module import make_grid, save_png
+from dit.vae import SCALE_FACTOR, decode, load_vae, to_uint8
+
+
+def load_model(path, num_heads=None):
+    """(model in eval mode, latent scale factor), the factor None for a model of pixels (no VAE)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if config:  # train.py's: the run's config builds the model and says what the data were
+        model = DiT(**config["model"])
+        model.load_state_dict(backbone_state_dict(checkpoint))
+        data = config["data"]
+        pixels = data["channels"] in (1, 3) and data["scale_factor"] == 1.0
+        scale = data["scale_factor"]
+    else:
+        model = DiT.from_state_dict(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
+        pixels = model.in_channels in (1, 3)
+        scale = SCALE_FACTOR
+    return model.eval().requires_grad_(False), None if pixels else scale
+
+
+def sample_batch(model, k, batch_size, num_samples, seed, classes, sampler, cfg_scale, guidance, vae, scale, device):
+    """Batch k of a run as uint8 RGB images (n, H, W, 3), drawn from a generator seeded with (seed, k)."""
+    n = min(batch_size, num_samples - k * batch_size)
+    generator = torch.Generator(device).manual_seed(seed * 2**32 + k)
+    if classes:  # sample i gets the (i mod K)-th class: columns of the grid are classes
+        labels = torch.tensor(classes, device=device)[(k * batch_size + torch.arange(n, device=device)) % len(classes)]
+    else:  # uniform random labels, as sample_ddp.py
+        labels = torch.randint(0, model.num_classes, (n,), generator=generator, device=device)
+    shape = (n, model.in_channels, model.input_size, model.input_size)
+    noise = torch.randn(shape, generator=generator, device=device)
+    diffusion = create_diffusion(sampler.removeprefix("ddpm"))  # "250" or "ddim50": create_diffusion's respacing
+    loop = diffusion.ddim_sample_loop if sampler.startswith("ddim") else diffusion.p_sample_loop
+    z = loop(guided(model, cfg_scale, guidance), shape, noise, model_kwargs=dict(y=labels), generator=generator)
+    images = to_uint8(decode(vae, z.float(), scale) if vae is not None else z.float())
+    return images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images  # gray pixels as RGB, for FID tools
+
+
+def write_png(image, path):
+    """Written under a temporary name and renamed: a killed run never leaves half a PNG behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image.numpy()).save(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def run(fabric, args):
+    """One process's share: batches rank, rank + world, ...; then rank 0 gathers the .npz and grid."""
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = fabric.device
+    model, scale = load_model(args.checkpoint, args.num_heads)
+    model.to(device)
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else []
+    if any(not 0 <= c < model.num_classes for c in classes):
+        raise ValueError(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}")
+    vae = load_vae(args.vae, device) if scale is not None else None
+    if device.type == "cuda":  # TF32 matmuls, as the official sample_ddp.py (its --tf32 default)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
+    num_batches = -(-args.num_samples // args.batch_size)
+
+    def pngs(k):
+        return [out_dir / f"{i:06d}.png" for i in range(k * args.batch_size, min((k + 1) * args.batch_size, args.num_samples))]
+
+    todo = [k for k in range(fabric.global_rank, num_batches, fabric.world_size) if not all(p.exists() for p in pngs(k))]
+    total = sum(len(pngs(k)) for k in todo)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with tqdm(total=total, unit="img", desc=f"rank {fabric.global_rank}", position=fabric.global_rank) as bar:
+        for k in todo:
+            with autocast:
+                images = sample_batch(model, k, args.batch_size, args.num_samples, args.seed, classes, args.sampler,
+                                      args.cfg_scale, args.guidance, vae, scale, device)  # fmt: skip
+            for image, path in zip(images, pngs(k)):
+                write_png(image, path)
+            bar.update(len(images))
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        arr = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB")) for i in range(args.num_samples)])
+        np.savez(f"{out_dir}.npz", arr_0=arr)
+        nrow = len(classes) if classes else 8
+        first = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2).float() / 255
+        grid = save_png(make_grid(first, nrow=nrow), f"{out_dir}.png")
+        print(f"wrote {args.num_samples} samples to {out_dir}/, {out_dir}.npz (arr_0 {tuple(arr.shape)} uint8), grid {grid}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a train.py checkpoint, an export, or the official DiT-XL-2-256x256.pt")
+    parser.add_argument("out_dir", help="the folder of PNGs; <out_dir>.npz and the grid <out_dir>.png go beside it")
+    parser.add_argument("--num-samples", type=int, default=50_000, help="the paper's FID-50K by default")
+    parser.add_argument("--classes", default="", help="comma-separated labels to cycle through (default: uniform random)")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 = none (Table 4)")
+    parser.add_argument("--guidance", choices=GUIDANCE_VARIANTS, default="official", help="official: first 3 channels")
+    parser.add_argument("--sampler", default="ddpm250", help="ddpmN (ancestral, paper: ddpm250) or ddimN")
+    parser.add_argument("--vae", default="ema", help="ema (headline), mse (Table 4) or a local AutoencoderKL folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per batch per device (official: 32)")
+    parser.add_argument("--devices", default="auto", help="how many devices; auto: every GPU (one process on a CPU)")
+    parser.add_argument("--accelerator", default="auto", help="cpu, cuda or auto (Lightning Fabric)")
+    parser.add_argument("--precision", choices=["tf32", "fp32", "bf16"], default="tf32", help="GPU matmuls (official: TF32)")
+    parser.add_argument("--num-heads", type=int, help="for a bare state dict of a width off the paper's table")
+    args = parser.parse_args(argv)
+    if not (args.sampler.startswith(("ddpm", "ddim")) and args.sampler[4:].isdigit()):
+        parser.error(f"--sampler {args.sampler}: use ddpmN or ddimN, e.g. ddpm250 (the paper's) or ddim50")
+    if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:
+        parser.error("--num-samples and --batch-size must be positive, --seed not negative")
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto" if devices == 1 else "ddp")
+    fabric.launch(run, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The sampling command (dit.sample) and the class-grid notebook, on the checkpoint of a real tiny
+training run (digits, pixels) and on a tiny DiT of VAE latents with a small random AutoencoderKL."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+from nbclient import NotebookClient
+from PIL import Image
+
+import train
+from dit.models import DiT
+from dit.sample import main as sample_main
+from dit.vae import tiny_vae
+from test_training import quick_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, digits_dir):
+    """The last.ckpt of a 12-step quickstart run (real digits, EMA decay 0.9)."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=12", "data.global_batch_size=32", "trainer.val_check_interval=12",
+                    "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy")  # fmt: skip
+    train.main(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def run_sample(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    result = subprocess.run([sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path):
+    common = [tiny_run, "--num-samples", 7, "--batch-size", 2, "--sampler", "ddim10", "--cfg-scale", 4,
+              "--accelerator", "cpu", "--seed", 3]  # fmt: skip
+    sample_main([str(a) for a in [common[0], tmp_path / "one", *common[1:], "--devices", 1]])  # in this process
+    two = run_sample(common[0], tmp_path / "two", *common[1:], "--devices", 2)
+    assert "rank 1" in two.stderr  # the second process drew batches too
+    one_npz, two_npz = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
+    assert one_npz.shape == (7, 8, 8, 3) and one_npz.dtype == np.uint8  # pixels, no VAE; gray as RGB
+    assert np.array_equal(one_npz, two_npz) and len(np.unique(one_npz.reshape(7, -1), axis=0)) == 7
+    for i in range(7):
+        assert (tmp_path / "one" / f"{i:06d}.png").read_bytes() == (tmp_path / "two" / f"{i:06d}.png").read_bytes()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / "000004.png")), one_npz[4])
+    assert (tmp_path / "one.png").exists()  # the grid
+
+
+def test_vae_latents_resume_and_labels(tmp_path, capsys):
+    """A bare state dict (the official checkpoint's format) of 4 channels is decoded with the VAE;
+    a rerun redraws only the batches with a missing PNG, and draws them the same."""
+    torch.manual_seed(0)
+    model = DiT(input_size=4, in_channels=4, hidden_size=64, depth=2, num_heads=1, patch_size=2, num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "export.pt")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    args = [str(tmp_path / "export.pt"), str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
+            "--sampler", "ddim5", "--vae", str(tmp_path / "vae"), "--classes", "3,1", "--cfg-scale", "1.5",
+            "--guidance", "all_channels", "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
+    sample_main(args)
+    first = np.load(tmp_path / "s.npz")["arr_0"]
+    assert first.shape == (5, 32, 32, 3) and "arr_0 (5, 32, 32, 3) uint8" in capsys.readouterr().out
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
+    (tmp_path / "s" / "000003.png").unlink()  # batch 1 (samples 2, 3) is incomplete
+    sample_main(args)
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").iterdir()}
+    redrawn = sorted(name for name in again if again[name] != stamps.get(name))
+    assert redrawn == ["000002.png", "000003.png"] and np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], first)
+    with pytest.raises(ValueError, match="classes 0..4"):
+        sample_main([*args[:-8], "--classes", "7", "--devices", "1", "--accelerator", "cpu"])
+
+
+def test_class_grid_notebook(tiny_run, monkeypatch):
+    """notebooks/class_grid.ipynb runs top to bottom on the tiny run's checkpoint (nbclient, python3)."""
+    notebook = nbformat.read(ROOT / "notebooks" / "class_grid.ipynb", as_version=4)
+    parameters = notebook.cells[1]
+    assert '"ddpm250"' in parameters.source
+    parameters.source = parameters.source.replace('"ddpm250"', '"ddim20"')  # seconds, not a minute, on 2 cores
+    monkeypatch.setenv("DIT_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    NotebookClient(notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "10 classes × 4 samples, 8×8 pixels" in text
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the grid is shown

@@ -39,8 +39,9 @@ class DiTModule(LightningModule):
             devices only: compiling pays for itself within minutes there, not on a CPU), or one of
             torch.compile's modes ("reduce-overhead" adds CUDA graphs, "max-autotune" ...).
         max_nonfinite_in_a_row: a NaN/Inf loss skips its update and is counted; this many in a row
-            save the last good state as last.ckpt and stop the run (0: no guard, no host read
-            of the loss per step).
+            save the last good state as last.ckpt and stop the run (0: no guard). With fused AdamW
+            (CUDA, CPU) the skip happens on the device and the counts are read once per logging
+            interval; other optimizers read the loss on the host every step.
     """
 
     def __init__(self, model, optimizer, diffusion, sampling, init_from=None, compile="auto", max_nonfinite_in_a_row=10):
@@ -56,6 +57,8 @@ class DiTModule(LightningModule):
         self._timer = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._skip_on_device = False  # set with the optimizer
+        self._in_a_row = self._longest = self._skipped = None  # device counters of skipped updates
 
     def setup(self, stage):
         compile = self.hparams.compile
@@ -79,7 +82,7 @@ class DiTModule(LightningModule):
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
         terms = self._losses(x, t, y)
         loss = terms["loss"].mean()
-        if self.hparams.max_nonfinite_in_a_row and not self._finite(loss):
+        if self.hparams.max_nonfinite_in_a_row and not self._skip_on_device and not self._finite(loss):
             return None  # Lightning skips the backward pass and the update
         # Device tensors: Lightning reads them on the host only every log_every_n_steps.
         self.log("train/loss", loss, prog_bar=True)
@@ -93,6 +96,7 @@ class DiTModule(LightningModule):
         return self.diffusion.training_losses(self.model, x, t, dict(y=y))
 
     def _finite(self, loss):
+        """The guard for optimizers that cannot skip an update on the device: a host read per step."""
         finite = bool(torch.isfinite(loss))
         if self.trainer.world_size > 1:  # every rank skips together, or DDP would hang
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
@@ -114,14 +118,49 @@ class DiTModule(LightningModule):
         return False
 
     def on_before_optimizer_step(self, optimizer):
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # a step Lightning logs
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        logged = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # a step Lightning logs
+        if not (logged or self._skip_on_device):
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if logged:
+            self.log("train/grad_norm", norm)
+        if self._skip_on_device:
+            # The non-finite guard without a host read: fused AdamW skips the whole update (weights,
+            # moments, step count) where `found_inf` is 1, on the device. The gradients are those
+            # after DDP's all-reduce, the same on every rank, so all ranks skip together. The
+            # counts are read on the host once per logging interval (on_train_batch_end).
+            bad = ~torch.isfinite(norm)
+            optimizer.found_inf = bad.float()
+            if self._in_a_row is None:
+                self._in_a_row, self._longest = (torch.zeros((), dtype=torch.long, device=norm.device) for _ in range(2))
+                self._skipped = torch.tensor(self.nonfinite_total, device=norm.device)
+            self._in_a_row = torch.where(bad, self._in_a_row + 1, 0)
+            self._longest = torch.maximum(self._longest, self._in_a_row)
+            self._skipped = self._skipped + bad
+
+    def _check_skipped_updates(self):
+        """Once per logging interval: report updates skipped since the last check; stop the run
+        once `max_nonfinite_in_a_row` came in a row, keeping the last good state."""
+        skipped, longest, limit = int(self._skipped), int(self._longest), self.hparams.max_nonfinite_in_a_row
+        if skipped > self.nonfinite_total:
+            print(f"step {self.global_step}: {skipped - self.nonfinite_total} updates skipped since the last check for "
+                  f"non-finite gradients (at most {longest} in a row; {limit} allowed)")  # fmt: skip
+            self.nonfinite_total = skipped
+            self.log("train/nonfinite_skipped", torch.tensor(float(skipped)))
+        if longest >= limit:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            self.trainer.save_checkpoint(path)  # skipped updates left the weights at the last good step
+            raise FloatingPointError(
+                f"{longest} updates in a row had non-finite gradients (by step {self.global_step}); the last good state is saved in "
+                f"{path}. Lower the learning rate or use fp32 (trainer.precision=32-true), then resume=auto"
+            )
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # Throughput over the last logging interval; one device sync per interval, not per step.
         if self.global_step % self.trainer.log_every_n_steps:  # the step just taken is not logged
             return
+        if self._in_a_row is not None:
+            self._check_skipped_updates()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         now, step = time.perf_counter(), self.global_step
@@ -144,7 +183,10 @@ class DiTModule(LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
         options = dict(self.hparams.optimizer)
-        options.setdefault("fused", self.device.type == "cuda")
+        # Fused: one kernel for the whole update, on CUDA and on CPUs; it can also skip an update on
+        # the device (the non-finite guard without a host read per step).
+        options.setdefault("fused", self.device.type in ("cuda", "cpu"))
+        self._skip_on_device = bool(self.hparams.max_nonfinite_in_a_row and options["fused"])
         return torch.optim.AdamW(params, **options)
 
     def on_save_checkpoint(self, checkpoint):
@@ -156,7 +198,7 @@ class DiTModule(LightningModule):
             numpy=np.random.get_state(),
             python=random.getstate(),
         )
-        checkpoint["nonfinite_total"] = self.nonfinite_total
+        checkpoint["nonfinite_total"] = self.nonfinite_total if self._skipped is None else int(self._skipped)
 
     def on_load_checkpoint(self, checkpoint):
         theirs = backbone_state_dict(checkpoint)

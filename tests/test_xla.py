@@ -19,23 +19,29 @@ from test_training import QUICK, compose_cfg, run_train
 xla = pytest.importorskip("torch_xla")
 import torch_xla.debug.metrics as metrics  # noqa: E402
 
+# Start the runtime at collection, before the session's first backward pass (a CPU test's) sizes
+# autograd's per-device queues: started later, XLA's backward fails an internal assert.
+DEVICE = xla.device()
+
 SMALL = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.global_batch_size=32"]
 
 
-def compilations():
-    data = metrics.metric_data("CompileTime")
+def count(metric="CompileTime"):
+    """How many XLA compilations (or, with "TransferFromDeviceTime", device-to-host reads) so far."""
+    data = metrics.metric_data(metric)
     return data[0] if data else 0
 
 
 class CompileCounter(Callback):
-    """XLA compilations so far after every step, and the live weights at the last step."""
+    """XLA compilations and host reads so far after every step, and the live weights at the last step."""
 
     def __init__(self):
-        self.counts = {}
+        self.counts, self.reads = {}, {}
         self.live = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.counts[trainer.global_step] = compilations()
+        self.counts[trainer.global_step] = count()
+        self.reads[trainer.global_step] = count("TransferFromDeviceTime")
         if trainer.global_step == trainer.max_steps:
             self.live = {k: v.cpu() for k, v in pl_module.model.state_dict().items()}
 
@@ -62,6 +68,10 @@ def test_training_under_xla_compiles_a_fixed_set_of_graphs(tmp_path, digits_dir)
     # (Step 15 also saves last.ckpt: moving the state to the CPU is a graph of its own.)
     after_warmup = [counter.counts[s] for s in range(7, 15)]
     assert after_warmup == [counter.counts[6]] * 8, counter.counts
+    # Nothing is read from the device but the values of a logging step (every 3rd; Lightning reads
+    # them after the counter has seen that step, so they show at the next): no host sync per step.
+    for step in range(7, 15):
+        assert (counter.reads[step] > counter.reads[step - 1]) == ((step - 1) % 3 == 0), counter.reads
     # the loss falls
     rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     column = rows[0].split(",").index("train/loss")
@@ -81,7 +91,7 @@ def test_guided_sampling_under_xla_matches_the_cpu(tmp_path):
         p.data.normal_(0, 0.05)
     on_xla = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
     on_xla.load_state_dict(model.state_dict())
-    device = xla.device()
+    device = DEVICE
     on_xla.to(device)
     y, z = torch.arange(4), torch.randn(4, 1, 8, 8)
     # Deterministic DDIM: the same numbers on both devices, within fp32 reordering.
@@ -89,13 +99,14 @@ def test_guided_sampling_under_xla_matches_the_cpu(tmp_path):
     cpu = sampler.ddim_sample_loop(guided(model, 4.0), z.shape, z, model_kwargs=dict(y=y))
     out = sampler.ddim_sample_loop(guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device)))
     torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=1e-4)
-    # Ancestral DDPM with guidance: the graphs compiled do not depend on the number of steps.
-    compiled = {}
+    # Ancestral DDPM with guidance: neither the graphs compiled nor the host reads (only the final
+    # .cpu()) depend on the number of steps.
+    compiled, reads = {}, {}
     for steps in (10, 20):
-        before = compilations()
+        before, read_before = count(), count("TransferFromDeviceTime")
         create_diffusion(str(steps)).p_sample_loop(guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device))).cpu()  # fmt: skip
-        compiled[steps] = compilations() - before
-    assert compiled[10] == compiled[20] <= 3, compiled
+        compiled[steps], reads[steps] = count() - before, count("TransferFromDeviceTime") - read_before
+    assert compiled[10] == compiled[20] <= 3 and reads[10] == reads[20] == 1, (compiled, reads)
 
 
 @pytest.mark.slow  # ~2 minutes on 2 CPU cores: each job starts torch_xla and compiles its graphs
@@ -121,7 +132,7 @@ def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
         p.data.normal_(0, 0.05)
     flash.load_state_dict(sdpa.state_dict())  # the switch changes no weights
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3])
-    for device in ("cpu", xla.device()):  # the CPU, and XLA's CPU runtime (an XLA device, not a TPU)
+    for device in ("cpu", DEVICE):  # the CPU, and XLA's CPU runtime (an XLA device, not a TPU)
         with pytest.warns(UserWarning, match="attention=xla_flash needs a TPU"):
             from dit import models
 

@@ -119,7 +119,7 @@ def _on_tpu(tensor):
 
         if torch_xla.runtime.device_type() == "TPU":
             return True
-    if not getattr(_on_tpu, "warned", False):
+    if tensor.device.type != "meta" and not getattr(_on_tpu, "warned", False):  # meta: a shape-only pass
         _on_tpu.warned = True
         warnings.warn(f"attention=xla_flash needs a TPU (this is {tensor.device}); using scaled_dot_product_attention")
     return False

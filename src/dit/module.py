@@ -60,8 +60,9 @@ class DiTModule(LightningModule):
         loss = terms["loss"].mean()
         if self.hparams.max_nonfinite_in_a_row and not self._finite(loss):
             return None  # Lightning skips the backward pass and the update
-        # Device tensors: Lightning reads them on the host only every log_every_n_steps.
-        self.log("train/loss", loss, prog_bar=True)
+        # Device tensors: Lightning reads them on the host only every log_every_n_steps. Not on the
+        # progress bar: its values are read at every step, a host sync per step.
+        self.log("train/loss", loss)
         self.log("train/mse", terms["mse"].mean())
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())

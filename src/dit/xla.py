@@ -1,7 +1,8 @@
 """The pieces Lightning's XLA (TPU) path needs beyond its own: bf16 autocast, atomic checkpoints,
-and an accelerator that runs that same path on torch_xla's CPU runtime, for tests.
+an EMA that survives torch_xla's buffer donation, and an accelerator that runs that same path on
+torch_xla's CPU runtime, for tests.
 
-conf/trainer/tpu_v3.yaml and tpu_pod.yaml name them; train.py and the module need nothing else.
+conf/trainer/tpu_v3.yaml (and, for tests, xla_cpu.yaml) name them; train.py needs nothing else.
 """
 
 import os
@@ -53,7 +54,14 @@ class XLAWeightAveraging(WeightAveraging):
     makes both share one buffer, and the next in-place update of one donates that buffer, deleting
     the other's data ("buffer ... is deleted"). The optimizer rewrites every trainable parameter in
     the same graph, so only frozen ones (DiT's pos_embed) break: they get their own buffer here.
+    And the count of averages, which AveragedModel compares with 0 at every update, stays on the
+    host, or each step would wait for the device to read it.
     """
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._average_model.n_averaged = self._average_model.n_averaged.cpu()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -321,6 +321,10 @@ class GaussianDiffusion(nn.Module):
             for _ in tqdm(range(self.num_timesteps), disable=not progress, desc="sampling"):
                 x = step(model, x, t, clip_denoised, model_kwargs, generator=generator, **kw)["sample"]
                 t = t - 1
+                if x.device.type == "xla":  # one graph per step, compiled once and reused, not one of all steps
+                    import torch_xla
+
+                    torch_xla.sync()
         return x
 
 

@@ -8,6 +8,7 @@ equal the official code's (facebookresearch/DiT), so its released checkpoints lo
 
 import math
 import re
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,10 @@ class Attention(nn.Module):
     kernels where the device has them). `qkv` rows are [q; k; v], each heads × head_dim, as in
     timm's Attention, so official weights mean the same here."""
 
+    # "sdpa", or "xla_flash": torch_xla's Pallas flash-attention kernel on a TPU, SDPA elsewhere
+    # (DiT(attention=...) sets it; conf/model/default.yaml `attention`).
+    kernel = "sdpa"
+
     def __init__(self, dim, num_heads):
         super().__init__()
         if dim % num_heads:
@@ -99,8 +104,26 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.kernel == "xla_flash" and _on_tpu(q):
+            from torch_xla.experimental.custom_kernel import flash_attention
+
+            x = flash_attention(q, k, v, sm_scale=q.shape[-1] ** -0.5)  # the kernel's default scale is 1
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+def _on_tpu(tensor):
+    """Whether torch_xla's Pallas kernels can run on this tensor; says once when they cannot."""
+    if tensor.device.type == "xla":
+        import torch_xla.runtime
+
+        if torch_xla.runtime.device_type() == "TPU":
+            return True
+    if tensor.device.type != "meta" and not getattr(_on_tpu, "warned", False):  # meta: a shape-only pass
+        _on_tpu.warned = True
+        warnings.warn(f"attention=xla_flash needs a TPU (this is {tensor.device}); using scaled_dot_product_attention")
+    return False
 
 
 class CrossAttention(nn.Module):
@@ -232,8 +255,11 @@ class DiT(nn.Module):
         learn_sigma=True,
         conditioning="adaln_zero",
         activation_checkpointing=False,
+        attention="sdpa",
     ):
         super().__init__()
+        if attention not in ("sdpa", "xla_flash"):
+            raise ValueError(f"unknown attention {attention!r}; choose sdpa or xla_flash (a TPU's Pallas kernel)")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         if input_size % patch_size:
@@ -268,6 +294,8 @@ class DiT(nn.Module):
             self.blocks = nn.ModuleList(ViTBlock(hidden_size, num_heads, mlp_ratio, cross) for _ in range(depth))
         adaptive = conditioning in ("adaln_zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive)
+        for block in self.blocks:
+            block.attn.kernel = attention
         self.initialize_weights()
 
     def initialize_weights(self):

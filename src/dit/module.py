@@ -84,8 +84,9 @@ class DiTModule(LightningModule):
         loss = terms["loss"].mean()
         if self.hparams.max_nonfinite_in_a_row and not self._skip_on_device and not self._finite(loss):
             return None  # Lightning skips the backward pass and the update
-        # Device tensors: Lightning reads them on the host only every log_every_n_steps.
-        self.log("train/loss", loss, prog_bar=True)
+        # Device tensors: Lightning reads them on the host only every log_every_n_steps. Not on the
+        # progress bar: its values are read at every step, a host sync per step.
+        self.log("train/loss", loss)
         self.log("train/mse", terms["mse"].mean())
         if "vb" in terms:
             self.log("train/vb", terms["vb"].mean())
@@ -168,8 +169,10 @@ class DiTModule(LightningModule):
             steps = step - self._timer[1]
             steps_per_sec = steps / (now - self._timer[0])
             images = batch[0].shape[0] * self.trainer.world_size
-            self.log("train/steps_per_sec", steps_per_sec)
-            self.log("train/images_per_sec", steps_per_sec * images)
+            # Host values logged as CPU tensors: a float would become a device tensor, and on XLA
+            # its bookkeeping would change the next step's graph (a recompilation).
+            self.log("train/steps_per_sec", torch.tensor(steps_per_sec))
+            self.log("train/images_per_sec", torch.tensor(steps_per_sec * images))
         self._timer = (now, step)
 
     def on_train_epoch_end(self):
@@ -228,7 +231,9 @@ class DiTModule(LightningModule):
             torch.randn(m.in_channels, m.input_size, m.input_size, generator=torch.Generator().manual_seed(s["seed"] + i))
             for i in index.tolist()
         ]).to(self.device)  # fmt: skip
-        generator = torch.Generator(device=self.device).manual_seed(s["seed"] + 1 + self.global_rank)
+        generator = None  # XLA has no torch.Generator: there the device's RNG draws the steps' noise
+        if self.device.type != "xla":
+            generator = torch.Generator(device=self.device).manual_seed(s["seed"] + 1 + self.global_rank)
         model = guided(m, s["guidance_scale"], s["guidance"])
         z = self.sampler.p_sample_loop(model, noise.shape, noise, model_kwargs=dict(y=labels), generator=generator)
         self._grid.append((index, z))
@@ -244,7 +249,8 @@ class DiTModule(LightningModule):
         order = torch.zeros(int(index.max()) + 1, dtype=torch.long)
         order[index.cpu()] = torch.arange(len(index))  # duplicates from a padded sampler collapse
         images = self.decode(z[order.to(z.device)])
-        grid = make_grid(images, nrow=self.trainer.datamodule.hparams.samples_per_class)
+        # One copy to the host: make_grid's per-image slices would each be a graph of their own on XLA.
+        grid = make_grid(images.cpu(), nrow=self.trainer.datamodule.hparams.samples_per_class)
         path = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png"
         save_png(grid, path)
         for logger in self.loggers:

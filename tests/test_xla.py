@@ -1,0 +1,143 @@
+"""The TPU code path on torch_xla's CPU runtime (PJRT_DEVICE=CPU): trainer=xla_cpu is trainer=tpu_v3
+(Lightning's XLA strategy, bf16 autocast, XLA checkpoint IO, the EMA's XLA fix) with an accelerator
+that accepts the CPU runtime. Nothing here has run on a real TPU."""
+
+import os
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla starts its runtime
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import train
+from dit.diffusion import create_diffusion, guided
+from dit.export import backbone_weights
+from dit.models import DiT
+from test_training import QUICK, compose_cfg, run_train
+
+xla = pytest.importorskip("torch_xla")
+import torch_xla.debug.metrics as metrics  # noqa: E402
+
+# Start the runtime at collection, before the session's first backward pass (a CPU test's) sizes
+# autograd's per-device queues: started later, XLA's backward fails an internal assert.
+DEVICE = xla.device()
+
+SMALL = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.global_batch_size=32"]
+
+
+def count(metric="CompileTime"):
+    """How many XLA compilations (or, with "TransferFromDeviceTime", device-to-host reads) so far."""
+    data = metrics.metric_data(metric)
+    return data[0] if data else 0
+
+
+class CompileCounter(Callback):
+    """XLA compilations and host reads so far after every step, and the live weights at the last step."""
+
+    def __init__(self):
+        self.counts, self.reads = {}, {}
+        self.live = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts[trainer.global_step] = count()
+        self.reads[trainer.global_step] = count("TransferFromDeviceTime")
+        if trainer.global_step == trainer.max_steps:
+            self.live = {k: v.cpu() for k, v in pl_module.model.state_dict().items()}
+
+
+def test_training_under_xla_compiles_a_fixed_set_of_graphs(tmp_path, digits_dir):
+    counter = CompileCounter()
+    cfg = compose_cfg(
+        ["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *SMALL, "trainer=xla_cpu", "trainer.max_steps=15",
+         "trainer.log_every_n_steps=3", "trainer.limit_val_batches=0", "~callbacks.digits_accuracy",
+         "module.optimizer.lr=3e-3"],
+        tmp_path,
+    )  # fmt: skip
+    callbacks = [counter]
+    original = train.instantiate
+    # The counter joins the run's own callbacks (train.main builds the Trainer from the config).
+    train.instantiate = lambda c, **kw: original(c, **{**kw, "callbacks": kw["callbacks"] + callbacks}) if "callbacks" in kw else original(c, **kw)  # fmt: skip
+    try:
+        train.main(cfg)
+    finally:
+        train.instantiate = original
+    # Warm-up: the first steps (optimizer state, first EMA update) and the first two logging steps
+    # (grad norm, first logged values). After it, steps 7..14 — logging steps 9 and 12 with their
+    # grad-norm graph among them — compile nothing: no step reads the device or changes a shape.
+    # (Step 15 also saves last.ckpt: moving the state to the CPU is a graph of its own.)
+    after_warmup = [counter.counts[s] for s in range(7, 15)]
+    assert after_warmup == [counter.counts[6]] * 8, counter.counts
+    # Nothing is read from the device but the values of a logging step (every 3rd; Lightning reads
+    # them after the counter has seen that step, so they show at the next): no host sync per step.
+    for step in range(7, 15):
+        assert (counter.reads[step] > counter.reads[step - 1]) == ((step - 1) % 3 == 0), counter.reads
+    # the loss falls
+    rows = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("train/loss")
+    losses = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert len(losses) == 5 and losses[-1] < 0.85 * losses[0], losses
+    # the checkpoint written under XLA holds CPU tensors equal to the weights on the device
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    live = backbone_weights(ckpt, "live")
+    assert all(t.device.type == "cpu" for t in live.values())
+    assert live.keys() == counter.live.keys() and all(torch.equal(live[k], counter.live[k]) for k in live)
+
+
+def test_guided_sampling_under_xla_matches_the_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
+    for p in model.parameters():  # away from the zero init, so the model's output matters
+        p.data.normal_(0, 0.05)
+    on_xla = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
+    on_xla.load_state_dict(model.state_dict())
+    device = DEVICE
+    on_xla.to(device)
+    y, z = torch.arange(4), torch.randn(4, 1, 8, 8)
+    # Deterministic DDIM: the same numbers on both devices, within fp32 reordering.
+    sampler = create_diffusion("ddim10")
+    cpu = sampler.ddim_sample_loop(guided(model, 4.0), z.shape, z, model_kwargs=dict(y=y))
+    out = sampler.ddim_sample_loop(guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device)))
+    torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=1e-4)
+    # Ancestral DDPM with guidance: neither the graphs compiled nor the host reads (only the final
+    # .cpu()) depend on the number of steps.
+    compiled, reads = {}, {}
+    for steps in (10, 20):
+        before, read_before = count(), count("TransferFromDeviceTime")
+        create_diffusion(str(steps)).p_sample_loop(guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device))).cpu()  # fmt: skip
+        compiled[steps], reads[steps] = count() - before, count("TransferFromDeviceTime") - read_before
+    assert compiled[10] == compiled[20] <= 3 and reads[10] == reads[20] == 1, (compiled, reads)
+
+
+@pytest.mark.slow  # ~2 minutes on 2 CPU cores: each job starts torch_xla and compiles its graphs
+def test_multirun_of_two_jobs_on_the_xla_preset(tmp_path, digits_dir):
+    result = run_train(
+        ["-m", "experiment=quickstart", f"data.path={digits_dir}", *QUICK, *SMALL, "trainer=xla_cpu", "logger=csv",
+         "trainer.max_steps=3", "trainer.val_check_interval=3", "~callbacks.digits_accuracy", "seed=0,1",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "samples" / "step_0000003.png").exists()  # a sample grid drawn under XLA
+        ckpt = torch.load(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == 3
+
+
+def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
+    torch.manual_seed(0)
+    sdpa = DiT(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
+    flash = DiT(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, attention="xla_flash")
+    for p in sdpa.parameters():
+        p.data.normal_(0, 0.05)
+    flash.load_state_dict(sdpa.state_dict())  # the switch changes no weights
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3])
+    for device in ("cpu", DEVICE):  # the CPU, and XLA's CPU runtime (an XLA device, not a TPU)
+        with pytest.warns(UserWarning, match="attention=xla_flash needs a TPU"):
+            from dit import models
+
+            models._on_tpu.warned = False
+            out = flash.to(device)(x.to(device), t.to(device), y.to(device)).cpu()
+        torch.testing.assert_close(out, sdpa.to(device)(x.to(device), t.to(device), y.to(device)).cpu())
+    with pytest.raises(ValueError, match="unknown attention 'flash'; choose sdpa or xla_flash"):
+        DiT(attention="flash")

@@ -25,11 +25,14 @@ def main():
     for epoch in range(args.epochs):  # every epoch starts its workers anew, as in training
         start, n = time.perf_counter(), 0
         for batch in loader:
+            if n == 0:
+                first = time.perf_counter()  # workers started, first batch in
             n += batch["label"].shape[0]
-        seconds = time.perf_counter() - start
-        print(f"epoch {epoch}: {n} samples in {seconds:.2f} s = {n / seconds:,.0f} samples/s "
+        end = time.perf_counter()
+        steady = (n - args.batch_size) / (end - first)
+        print(f"epoch {epoch}: {n} samples, {n / (end - start):,.0f} samples/s including the workers' start "
+              f"({first - start:.2f} s), {steady:,.0f} samples/s after the first batch "
               f"({args.num_workers} workers, batch {args.batch_size})")  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

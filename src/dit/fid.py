@@ -23,6 +23,7 @@ The Inception weights are downloaded by torch-fidelity on first use; offline, pa
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
@@ -153,7 +154,7 @@ def image_folder(folder, crop_to=None):
     files = glob_samples_paths(str(folder), deep, "png,jpg,jpeg,JPEG", verbose=False)
     if not files:
         raise FileNotFoundError(f"{folder} holds no PNG or JPEG images{' (searched recursively)' if deep else ''}")
-    return ImagesPathDataset(files, None if crop_to is None else lambda image: center_crop(image, crop_to))
+    return ImagesPathDataset(files, None if crop_to is None else partial(center_crop, size=crop_to))  # picklable for workers
 
 
 def load_samples(path):

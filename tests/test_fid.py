@@ -58,17 +58,17 @@ def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception,
     """An npz of samples vs a folder of the same real images: FID ≈ 0, precision = recall = 1. Then
     other images as PNGs against the saved reference statistics: the FID of features computed directly."""
     digits = digit_images()
-    real = torch.stack([digits[i] for i in range(5)])  # (5, 3, 8, 8) uint8
+    real = torch.stack([digits[i] for i in range(4)])  # (4, 3, 8, 8) uint8
     np.savez(tmp_path / "samples.npz", arr_0=real.permute(0, 2, 3, 1).numpy())
     write_pngs(real, tmp_path / "real")
     weights = ["--inception-weights", str(random_inception)]
     metrics = main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "real"), *weights, "--isc", "--prc",
                     "--save-ref-stats", str(tmp_path / "ref.npz")])  # fmt: skip
-    assert abs(metrics["fid"]) < 1e-6 and metrics["num_samples"] == 5
+    assert abs(metrics["fid"]) < 1e-6 and metrics["num_samples"] == 4
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert np.isfinite(metrics["inception_score"]) and metrics["inception_score"] >= 1.0
 
-    other = torch.stack([digits[i] for i in range(5, 10)])
+    other = torch.stack([digits[i] for i in range(4, 8)])
     write_pngs(other, tmp_path / "other")
     fid = main([str(tmp_path / "other"), "--ref", str(tmp_path / "ref.npz"), *weights])["fid"]
     # the same, from features of the image tensors (no files, no loaders, no statistics file)

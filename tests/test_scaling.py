@@ -1,5 +1,5 @@
 """The in-training FID monitor, the scaling plots and notebooks/scaling.ipynb, on a real tiny sweep:
-two models (patch 2 and 4) trained 10 steps each with FID of EMA samples every 5 steps, measured
+two models (patch 2 and 4) trained 10 steps each with FID of 3 EMA samples every 5 steps, measured
 with a random Inception of torch-fidelity's own class against statistics of real digits."""
 
 import os
@@ -24,7 +24,7 @@ def sweep(tmp_path_factory, digits_dir, random_inception):
 
     tmp = tmp_path_factory.mktemp("scaling")
     digits = digit_images()
-    write_pngs(torch.stack([digits[i] for i in range(4)]), tmp / "real")
+    write_pngs(torch.stack([digits[i] for i in range(3)]), tmp / "real")
     fid_main(["--ref", str(tmp / "real"), "--resolution", "8", "--inception-weights", str(random_inception),
               "--save-ref-stats", str(tmp / "digits_ref.npz")])  # fmt: skip
     result = run_train(
@@ -32,7 +32,7 @@ def sweep(tmp_path_factory, digits_dir, random_inception):
          "trainer.val_check_interval=10", "trainer.log_every_n_steps=2", "data.global_batch_size=16",
          "callbacks.ema.multi_avg_fn.decay=0.5", "~callbacks.digits_accuracy", *QUICK, "callbacks=fid",
          f"callbacks.fid.ref={tmp / 'digits_ref.npz'}", f"callbacks.fid.inception_weights={random_inception}",
-         "callbacks.fid.every_n_steps=5", "callbacks.fid.num_samples=4", "callbacks.fid.steps='5'",
+         "callbacks.fid.every_n_steps=5", "callbacks.fid.num_samples=3", "callbacks.fid.steps='5'",
          f"hydra.sweep.dir={tmp / 'sweep'}"],
         cwd=tmp,
     )  # fmt: skip
@@ -50,6 +50,34 @@ def test_fid_monitor_logs_val_fid_and_its_minimum(sweep):
         fids = [fid for _, fid, _ in logged]
         assert all(np.isfinite(fids)) and fids[0] != fids[1]  # the EMA weights moved between the two
         assert [best for _, _, best in logged] == [fids[0], min(fids)]
+
+
+def test_fid_monitor_measures_the_ema_weights(sweep, random_inception):
+    """The last FID of a job, recomputed here from the EMA weights in its final checkpoint (the live
+    weights differ: EMA decay 0.5): the same samples (labels index % 10, noise seeded by index), the
+    same features, the same number."""
+    import csv
+
+    from dit.diffusion import create_diffusion
+    from dit.fid import frechet_distance, inception
+    from dit.models import DiT, backbone_state_dict
+    from dit.vae import to_uint8
+
+    ckpt = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 10
+    model = DiT(**ckpt["hyper_parameters"]["model"])  # (from_state_dict would guess 2 heads for width 128; tiny has 4)
+    model.load_state_dict(backbone_state_dict(ckpt))
+    model.eval()
+    noise = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    z = create_diffusion("5").p_sample_loop(model, noise.shape, noise, model_kwargs=dict(y=torch.arange(3)),
+                                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+    images = to_uint8(z).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        pool = inception(random_inception)(images)[0]
+    expected = frechet_distance(pool, dict(np.load(sweep.parent / "digits_ref.npz")))
+    rows = csv.DictReader((sweep / "0" / "csv" / "version_0" / "metrics.csv").open())
+    logged = next(float(r["val/fid"]) for r in rows if r["val/fid"] and r["step"] == "10")
+    assert logged == pytest.approx(expected, rel=1e-4)
 
 
 def test_plots_from_the_sweep(sweep, tmp_path):

@@ -25,13 +25,12 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as INCEPTION_URL
 
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the pool features, IS the logits
 
 
@@ -41,19 +40,19 @@ POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the poo
 def inception(weights=None, device="cpu"):
     """torch-fidelity's Inception-v3 (`inception-v3-compat`): `weights` is a local copy of its
     weights file, or None to download it (to the torch hub cache, once)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     from torch_fidelity.utils import create_feature_extractor
 
-    assert URL_INCEPTION_V3 == INCEPTION_URL, "torch-fidelity moved its weights; update INCEPTION_URL"
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"Inception weights {weights} do not exist; download {INCEPTION_URL} and pass its path")
     try:
         extractor = create_feature_extractor(
             "inception-v3-compat", [POOL, LOGITS], cuda=False, feature_extractor_weights_path=weights, verbose=False
         )
-    except URLError as error:  # no network: the download is the only thing here that reaches out
+    except OSError as error:  # URLError, timeout, refused connection: the download failed
+        if weights is not None:
+            raise
         raise RuntimeError(
-            f"could not fetch the Inception weights for FID ({error.reason}). Download {INCEPTION_URL} where there "
+            f"could not fetch the Inception weights for FID ({error}). Download {INCEPTION_URL} where there "
             f"is a network, copy it here and pass its path: --inception-weights /path/{INCEPTION_URL.rsplit('/', 1)[1]} "
             "(in training: callbacks.fid.inception_weights=/path/...)"
         ) from None
@@ -85,10 +84,10 @@ def features(extractor, images, batch_size=64):
     if len(images) == 0:
         raise ValueError("no images to compute features of")
     cuda = next(extractor.parameters()).is_cuda
-    # Loader worker processes only pay off for files to decode; images in memory are read in-process.
-    return get_featuresdict_from_dataset(
-        images, extractor, batch_size, cuda, save_cpu_ram=isinstance(images, UInt8Images), verbose=False
-    )
+    # Loader worker processes (torch-fidelity starts up to 4) pay off only for many files to decode;
+    # images in memory, or a single batch, are read in-process.
+    in_process = isinstance(images, UInt8Images) or len(images) <= batch_size
+    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=in_process, verbose=False)
 
 
 def statistics(pool_features):

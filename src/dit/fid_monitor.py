@@ -59,7 +59,9 @@ class FIDMonitor(Callback):
             return
         model = pl_module.model
         pixels = model.in_channels in (1, 3)
-        self.extractor = inception(self.inception_weights, pl_module.device)  # every rank extracts its share
+        # Every rank extracts its share. torch-fidelity moves batches to CUDA only, so elsewhere (CPU, TPU)
+        # the extractor stays on the CPU.
+        self.extractor = inception(self.inception_weights, pl_module.device if pl_module.device.type == "cuda" else "cpu")
         if not pixels:
             self.vae = load_vae(self.vae_name, pl_module.device)
         if trainer.is_global_zero:

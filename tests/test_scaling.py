@@ -1,5 +1,5 @@
 """The in-training FID monitor, the scaling plots and notebooks/scaling.ipynb, on a real tiny sweep:
-two models (patch 2 and 4) trained 10 steps each with FID of 3 EMA samples every 5 steps, measured
+two models (patch 2 and 4) trained 6 steps each with FID of 3 EMA samples every 3 steps, measured
 with a random Inception of torch-fidelity's own class against statistics of real digits."""
 
 import os
@@ -28,11 +28,11 @@ def sweep(tmp_path_factory, digits_dir, random_inception):
     fid_main(["--ref", str(tmp / "real"), "--resolution", "8", "--inception-weights", str(random_inception),
               "--save-ref-stats", str(tmp / "digits_ref.npz")])  # fmt: skip
     result = run_train(
-        ["-m", "experiment=quickstart", f"data.path={digits_dir}", "patch=2,4", "trainer.max_steps=10",
-         "trainer.val_check_interval=10", "trainer.log_every_n_steps=2", "data.global_batch_size=16",
+        ["-m", "experiment=quickstart", f"data.path={digits_dir}", "patch=2,4", "trainer.max_steps=6",
+         "trainer.val_check_interval=6", "trainer.log_every_n_steps=2", "data.global_batch_size=16",
          "callbacks.ema.multi_avg_fn.decay=0.5", "~callbacks.digits_accuracy", *QUICK, "callbacks=fid",
          f"callbacks.fid.ref={tmp / 'digits_ref.npz'}", f"callbacks.fid.inception_weights={random_inception}",
-         "callbacks.fid.every_n_steps=5", "callbacks.fid.num_samples=3", "callbacks.fid.steps='5'",
+         "callbacks.fid.every_n_steps=3", "callbacks.fid.num_samples=3", "callbacks.fid.steps='5'",
          f"hydra.sweep.dir={tmp / 'sweep'}"],
         cwd=tmp,
     )  # fmt: skip
@@ -46,7 +46,7 @@ def test_fid_monitor_logs_val_fid_and_its_minimum(sweep):
     for job in ("0", "1"):
         rows = list(csv.DictReader((sweep / job / "csv" / "version_0" / "metrics.csv").open()))
         logged = [(int(r["step"]), float(r["val/fid"]), float(r["val/fid_best"])) for r in rows if r["val/fid"]]
-        assert [step for step, _, _ in logged] == [5, 10]
+        assert [step for step, _, _ in logged] == [3, 6]
         fids = [fid for _, fid, _ in logged]
         assert all(np.isfinite(fids)) and fids[0] != fids[1]  # the EMA weights moved between the two
         assert [best for _, _, best in logged] == [fids[0], min(fids)]
@@ -64,7 +64,7 @@ def test_fid_monitor_measures_the_ema_weights(sweep, random_inception):
     from dit.vae import to_uint8
 
     ckpt = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 10
+    assert ckpt["global_step"] == 6
     model = DiT(**ckpt["hyper_parameters"]["model"])  # (from_state_dict would guess 2 heads for width 128; tiny has 4)
     model.load_state_dict(backbone_state_dict(ckpt))
     model.eval()
@@ -76,7 +76,7 @@ def test_fid_monitor_measures_the_ema_weights(sweep, random_inception):
         pool = inception(random_inception)(images)[0]
     expected = frechet_distance(pool, dict(np.load(sweep.parent / "digits_ref.npz")))
     rows = csv.DictReader((sweep / "0" / "csv" / "version_0" / "metrics.csv").open())
-    logged = next(float(r["val/fid"]) for r in rows if r["val/fid"] and r["step"] == "10")
+    logged = next(float(r["val/fid"]) for r in rows if r["val/fid"] and r["step"] == "6")
     assert logged == pytest.approx(expected, rel=1e-4)
 
 
@@ -84,11 +84,11 @@ def test_plots_from_the_sweep(sweep, tmp_path):
     runs = load_runs([sweep])
     assert [r["name"] for r in runs] == ["DiT-custom/4", "DiT-custom/2"]  # sorted by Gflops
     for run in runs:
-        assert run["batch"] == 16 and [s for s, _ in run["fid"]] == [5, 10] and len(run["loss"]) >= 4
+        assert run["batch"] == 16 and [s for s, _ in run["fid"]] == [3, 6] and len(run["loss"]) >= 3
     # training compute = Gflops × batch × steps × 3 (paper Fig. 9)
     lines = fid_vs_compute(runs).axes[0].get_lines()
     for line, run in zip(lines, runs):
-        assert np.allclose(line.get_xdata(), [run["gflops"] * 16 * s * 3 for s in (5, 10)])
+        assert np.allclose(line.get_xdata(), [run["gflops"] * 16 * s * 3 for s in (3, 6)])
         assert np.allclose(line.get_ydata(), [fid for _, fid in run["fid"]])
     for path in save_figures(runs, tmp_path).values():
         assert_nonblank_png(path)

@@ -22,7 +22,6 @@ The Inception weights are downloaded by torch-fidelity on first use; offline, pa
 
 import argparse
 import json
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -263,4 +262,4 @@ if __name__ == "__main__":
     try:
         main()
     except (RuntimeError, ValueError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+        raise SystemExit(f"error: {error}") from None

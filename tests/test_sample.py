@@ -1,6 +1,7 @@
 """The sampling command (dit.sample) and the class-grid notebook, on the checkpoint of a real tiny
 training run (digits, pixels) and on a tiny DiT of VAE latents with a small random AutoencoderKL."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,17 @@ def test_class_grid_notebook(tiny_run, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "10 classes × 4 samples, 8×8 pixels" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the grid is shown
+
+
+def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, capsys):
+    """dit.fid50k = dit.sample then dit.fid on its .npz; against a folder of the same images the
+    FID is ~0 and precision/recall are computed (the reference holds images)."""
+    from dit.fid50k import main as fid50k_main
+
+    common = ["--num-samples", "6", "--batch-size", "3", "--sampler", "ddim5", "--devices", "1", "--accelerator", "cpu"]
+    sample_main([str(tiny_run), str(tmp_path / "ref"), *common])
+    metrics = fid50k_main([str(tiny_run), str(tmp_path / "s"), "--ref", str(tmp_path / "ref"),
+                           "--inception-weights", str(random_inception), *common])  # fmt: skip
+    assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "ref.npz")["arr_0"])  # same seed
+    assert abs(metrics["fid"]) < 1e-3 and metrics["precision"] == 1 and "inception_score" in metrics
+    assert json.loads((tmp_path / "s.json").read_text()) == metrics

@@ -129,18 +129,11 @@ def frechet_distance(pool_features, reference):
 
 
 def center_crop(image, size):
-    """ADM's centre crop (guided-diffusion `center_crop_arr`, used by the official train.py,
-    shared/DIT_FACTS.md §3): halve with a BOX filter while the short side is at least 2·size, resize the
-    short side to `size` (BICUBIC), crop the centre. PIL image -> (3, size, size) uint8 tensor."""
-    from PIL import Image
+    """A real image as the samples were trained on: ADM's centre crop (dit.extract, the official
+    train.py's), PIL image -> (3, size, size) uint8 tensor."""
+    from dit.extract import center_crop_arr
 
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image)
-    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return torch.from_numpy(array[top : top + size, left : left + size].copy()).permute(2, 0, 1)
+    return torch.from_numpy(np.array(center_crop_arr(image.convert("RGB"), size))).permute(2, 0, 1)
 
 
 def image_folder(folder, crop_to=None):

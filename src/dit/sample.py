@@ -145,6 +145,7 @@ def main(argv=None):
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto" if devices == 1 else "ddp")
     fabric.launch(run, args)
+    return fabric.global_rank
 
 
 if __name__ == "__main__":

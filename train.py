@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dit.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume
@@ -118,16 +119,20 @@ def main(cfg: DictConfig):
     module = instantiate(cfg.module, _convert_="all")
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    logger = False
+    loggers = []
     is_wandb = bool(cfg.get("logger")) and cfg.logger._target_.endswith("WandbLogger")
     wandb_id = out / "wandb_run_id"  # a resumed run logs into the same wandb run
     if cfg.get("logger"):
         resumed = dict(id=wandb_id.read_text(), resume="allow") if is_wandb and wandb_id.exists() else {}
-        logger = instantiate(cfg.logger, **resumed)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        loggers.append(instantiate(cfg.logger, **resumed))
+    if is_wandb:
+        # The metrics as CSV beside wandb's: an offline wandb run cannot be read back without
+        # `wandb sync` (and an account), and the scaling plots (dit.plots) read these files.
+        loggers.append(CSVLogger(save_dir=cfg.output_dir, name="csv", flush_logs_every_n_steps=1))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if is_wandb and trainer.is_global_zero:
-        wandb_id.write_text(logger.experiment.id)
-    if logger:
+        wandb_id.write_text(loggers[0].experiment.id)
+    for logger in loggers:
         # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
         logger.log_hyperparams(
             dict(model_name=summary["name"], patch=cfg.model.patch_size, conditioning=summary["conditioning"],

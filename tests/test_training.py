@@ -146,7 +146,7 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
     sweep, named after the model, Gflops in its config); the failing middle one stops nobody."""
     result = run_train(
         ["-m", "experiment=quickstart", f"data.path={digits_dir}", "logger=wandb", "patch=2,3,4",
-         "trainer.max_steps=3", "trainer.val_check_interval=3", "~callbacks.digits_accuracy", *QUICK,
+         "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3", "~callbacks.digits_accuracy", *QUICK,
          f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
     )  # fmt: skip
@@ -164,6 +164,9 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
         record = next(runs[0].glob("*.wandb")).read_bytes()
         for field in [b"gflops", b"params", b"conditioning", name.encode(), str(tmp_path / "sweep").encode()]:
             assert field in record, field
+        # ...and the same metrics as CSV beside it, which dit.plots reads without wandb
+        csv_dir = tmp_path / "sweep" / job / "csv" / "version_0"
+        assert "train/loss" in (csv_dir / "metrics.csv").read_text() and "gflops" in (csv_dir / "hparams.yaml").read_text()
     assert not (tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt").exists()
 
 

@@ -7,8 +7,8 @@ FID over training, and the loss curves (paper Fig. 2, 6, 8, 9).
 
 A run is read from its folder (any folder below the given ones holding `.hydra/config.yaml`): the CSV
 logger's `metrics.csv` (`train/loss`; `val/fid` from callbacks=fid) and `hparams.yaml` (train.py puts
-`model_name` and `gflops` there, Lightning the data's `global_batch_size`). A run logged only to wandb
-offline: `wandb sync <run>/wandb/offline-run-*`, then read its project.
+`model_name` and `gflops` there, Lightning the data's `global_batch_size`). train.py writes these CSV
+files beside every wandb run too, so offline wandb runs are read from their folders as they are.
 
 Training compute is Gflops × batch × steps × 3, as paper Fig. 9: Gflops count one forward pass of
 one image (a multiply-add = 1 flop), and the backward pass costs about twice the forward.
@@ -57,7 +57,7 @@ def local_runs(folder):
         rows = [row for log in logs for row in csv.DictReader(log.open())]
         runs.append(make_run(hparams, rows, run))
     if not runs:
-        raise FileNotFoundError(f"no run with CSV logs (metrics.csv) below {folder}; train with logger=csv, or read wandb")
+        raise FileNotFoundError(f"no run with CSV logs (metrics.csv) below {folder}; train with train.py (logger=csv or wandb), or read wandb")
     return runs
 
 

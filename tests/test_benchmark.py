@@ -41,7 +41,7 @@ def test_xl2_flops_per_image():
     assert forward == pytest.approx(237.3, abs=0.2) and 3 * forward == pytest.approx(712, abs=1)
 
 
-def test_activation_checkpointing_changes_only_memory():
+def test_activation_checkpointing_changes_only_memory(monkeypatch):
     torch.manual_seed(0)
     kwargs = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=10,
                   class_dropout_prob=0.0)  # fmt: skip
@@ -51,11 +51,14 @@ def test_activation_checkpointing_changes_only_memory():
     checkpointed.load_state_dict(plain.state_dict())
     diffusion = create_diffusion("")
     x, t, y, noise = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 2, 3, 4]), torch.randn(4, 4, 8, 8)
-    losses = []
+    losses, calls = [], []
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     for model in (plain, checkpointed):
         loss = diffusion.training_losses(model.train(), x, t, dict(y=y), noise=noise)["loss"].mean()
         loss.backward()
         losses.append(loss)
+    assert len(calls) == 3  # the checkpointed model's 3 blocks, none of the plain one's
     assert torch.equal(losses[0], losses[1])
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None:

@@ -78,12 +78,17 @@ def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception,
     assert fid > 1e-3 and fid == pytest.approx(frechet_distance(pool_other, statistics(pool_real)), rel=1e-5)
 
 
-def test_reference_files_adm_batch_and_our_stats(tmp_path):
-    """ADM's reference batch holds mu, sigma and arr_0: FID reads mu and sigma (no images needed)."""
+def test_reference_files_adm_batch_and_our_stats(tmp_path, random_inception):
+    """ADM's reference batch holds mu, sigma and arr_0: FID reads mu and sigma (no images needed);
+    with precision/recall its images give the features, but the statistics stay the file's."""
     mu, sigma = np.arange(4.0), np.eye(4)
-    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", mu=mu, sigma=sigma, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    reference = load_reference(str(tmp_path / "VIRTUAL_imagenet256_labeled.npz"), extractor=None)
+    adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(adm, mu=mu, sigma=sigma, arr_0=np.random.default_rng(0).integers(0, 255, (3, 16, 16, 3), dtype=np.uint8))
+    reference = load_reference(str(adm), extractor=None)
     assert np.array_equal(reference["mu"], mu) and np.array_equal(reference["sigma"], sigma)
+    with_images = load_reference(str(adm), inception(str(random_inception)), keep_features=True)
+    assert np.array_equal(with_images["mu"], mu) and np.array_equal(with_images["sigma"], sigma)
+    assert tuple(with_images["features"].shape) == (3, 2048)
     np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
     with pytest.raises(ValueError, match="needs images"):  # precision/recall need the reference's images
         load_reference(str(tmp_path / "stats.npz"), extractor=None, keep_features=True)

@@ -6,8 +6,9 @@
     python -m dit.benchmark --model DiT-S/8 --image-size 64 --batch-size 4 --steps 3 --sampler --sample-steps 5   # CPU
 
 The training step is the one train.py runs — DiTModule (hybrid loss, AdamW, EMA through Lightning's
-WeightAveraging) under a Lightning Trainer — fed in-memory latents, so the loader is not measured
-here (`benchmarks/loader.py` measures it). Model FLOPs count 2 per multiply-add; a training step
+WeightAveraging, the NaN guard) under a Lightning Trainer — fed in-memory latents, so the loader is
+not measured here (`benchmarks/loader.py` measures it); the timed steps hold no logging step (one
+in 100 in training, with one device sync). Model FLOPs count 2 per multiply-add; a training step
 costs 3× the forward pass (backward ≈ 2×), as in PaLM's MFU (Chowdhery et al. 2022, App. B) and
 nanoGPT's `estimate_mfu`; activation checkpointing's recomputation is not counted, so it lowers the
 share. The matmul rate is measured in the same process on the same device, in the dtype of the
@@ -170,7 +171,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     p.add_argument("--devices", type=int, default=1, help="DDP over this many GPUs when > 1")
     p.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
-    p.add_argument("--compile", default="auto", type=lambda s: {"on": True, "off": False}.get(s, s),
+    p.add_argument("--compile", default="auto", type=lambda s: {"on": True, "true": True, "off": False, "false": False}.get(s, s),
                    help="auto (on for CUDA) | on | off | a torch.compile mode, e.g. reduce-overhead")  # fmt: skip
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--nonfinite-guard", type=int, default=10, help="module.max_nonfinite_in_a_row (0: off)")

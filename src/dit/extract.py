@@ -186,8 +186,10 @@ def main(argv=None):
     if (out_dir / META_FILE).exists():
         print(f"{out_dir} is finished already ({META_FILE} is there); nothing to do")
         return
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    env = os.environ  # torchrun's variables, else SLURM's (srun starts one task per GPU)
+    rank, world = int(env.get("RANK", env.get("SLURM_PROCID", 0))), int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if args.precision == "bf16" and device.type != "cuda":
         parser.error("--precision bf16 is for GPUs; on the CPU use fp32")
     files, classes = list_images(args.image_dir)

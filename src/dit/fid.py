@@ -188,12 +188,15 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
         images = image_folder(path, crop_to=resolution)
     elif path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
-            if not keep_features and {"mu", "sigma"} <= set(data.keys()):
-                return dict(mu=data["mu"], sigma=data["sigma"])
+            stats = dict(mu=data["mu"], sigma=data["sigma"]) if {"mu", "sigma"} <= set(data.keys()) else None
+            if stats is not None and not keep_features:
+                return stats
             if "arr_0" not in data:
                 need = "images (arr_0) for precision/recall" if keep_features else "mu and sigma, or images in arr_0"
                 raise ValueError(f"reference {ref} holds {sorted(data.keys())}, but it needs {need}")
             images = UInt8Images(data["arr_0"])
+        if stats is not None:  # ADM's reference batch: FID against ITS statistics; the images serve P/R only
+            return dict(stats, features=features(extractor, images, batch_size)[POOL])
     else:
         raise FileNotFoundError(f"reference {ref} is not a folder of images, an .npz of statistics, or 'digits'")
     pool = features(extractor, images, batch_size)[POOL]

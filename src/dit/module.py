@@ -57,10 +57,13 @@ class DiTModule(LightningModule):
         self._timer = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._compiled = False
         self._skip_on_device = False  # set with the optimizer
         self._in_a_row = self._longest = self._skipped = None  # device counters of skipped updates
 
     def setup(self, stage):
+        if stage != "fit" or self._compiled:  # Lightning calls setup for each fit/validate/test
+            return
         compile = self.hparams.compile
         if compile not in COMPILE_CHOICES:
             raise ValueError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
@@ -74,6 +77,7 @@ class DiTModule(LightningModule):
             # The training step compiles as one graph: backbone AND the diffusion loss around it,
             # whose dozens of small fp32 ops then fuse instead of each being a kernel launch.
             self._losses = torch.compile(self._losses, mode=mode)
+            self._compiled = True
 
     # ------------------------------------------------------------------ training
 
@@ -155,6 +159,7 @@ class DiTModule(LightningModule):
                 f"{longest} updates in a row had non-finite gradients (by step {self.global_step}); the last good state is saved in "
                 f"{path}. Lower the learning rate or use fp32 (trainer.precision=32-true), then resume=auto"
             )
+        self._longest = self._in_a_row.clone()  # "in a row" counts from here on, a run still going included
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # Throughput over the last logging interval; one device sync per interval, not per step.

@@ -42,7 +42,10 @@ from dit.vae import SCALE_FACTOR, decode, load_vae, to_uint8
 
 
 def load_model(path, num_heads=None):
-    """(model in eval mode, latent scale factor), the factor None for a model of pixels (no VAE)."""
+    """(model in eval mode, latent scale factor), the factor None for a model of pixels (no VAE).
+    The model carries `diffusion_options`, the diffusion it was trained with (create_diffusion's
+    keywords but the respacing): a train.py checkpoint's own, else the paper's with the model's
+    learn_sigma."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     if config:  # train.py's: the run's config builds the model and says what the data were
@@ -51,10 +54,13 @@ def load_model(path, num_heads=None):
         data = config["data"]
         pixels = data["channels"] in (1, 3) and data["scale_factor"] == 1.0
         scale = data["scale_factor"]
+        options = {k: v for k, v in config["module"]["diffusion"].items() if k != "timestep_respacing"}
     else:
         model = DiT.from_state_dict(checkpoint, **({"num_heads": num_heads} if num_heads else {}))
         pixels = model.in_channels in (1, 3)
         scale = SCALE_FACTOR
+        options = dict(learn_sigma=model.learn_sigma)
+    model.diffusion_options = options
     return model.eval().requires_grad_(False), None if pixels else scale
 
 
@@ -68,7 +74,7 @@ def sample_batch(model, k, batch_size, num_samples, seed, classes, sampler, cfg_
         labels = torch.randint(0, model.num_classes, (n,), generator=generator, device=device)
     shape = (n, model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=generator, device=device)
-    diffusion = create_diffusion(sampler.removeprefix("ddpm"))  # "250" or "ddim50": create_diffusion's respacing
+    diffusion = create_diffusion(sampler.removeprefix("ddpm"), **model.diffusion_options)  # respacing "250" or "ddim50"
     loop = diffusion.ddim_sample_loop if sampler.startswith("ddim") else diffusion.p_sample_loop
     z = loop(guided(model, cfg_scale, guidance), shape, noise, model_kwargs=dict(y=labels), generator=generator)
     images = to_uint8(decode(vae, z.float(), scale) if vae is not None else z.float())

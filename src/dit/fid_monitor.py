@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 
-from dit.diffusion import create_diffusion, guided
+from dit.diffusion import guided
+from dit.module import seeded_noise
 from dit.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
 from dit.vae import decode, load_vae, to_uint8
 
@@ -87,7 +88,7 @@ class FIDMonitor(Callback):
         model = ema_backbone(trainer, pl_module)
         was_training = model.training
         model.eval()
-        sampler = create_diffusion(self.steps, **{k: v for k, v in pl_module.hparams.diffusion.items() if k != "timestep_respacing"})
+        sampler = pl_module.sampling_diffusion(self.steps)
         device = pl_module.device
         per_rank = math.ceil(self.num_samples / trainer.world_size)
         index = torch.arange(trainer.global_rank, per_rank * trainer.world_size, trainer.world_size)
@@ -95,10 +96,7 @@ class FIDMonitor(Callback):
         scale = trainer.datamodule.scale_factor if trainer.datamodule is not None else 1.0
         pool = []
         for chunk in index.split(self.batch_size):
-            noise = torch.stack([
-                torch.randn(model.in_channels, model.input_size, model.input_size, generator=torch.Generator().manual_seed(self.seed + i))
-                for i in chunk.tolist()
-            ]).to(device)  # fmt: skip
+            noise = seeded_noise(model, chunk, self.seed).to(device)
             labels = (chunk % model.num_classes).to(device)
             z = sampler.p_sample_loop(guided(model, self.guidance_scale, self.guidance), noise.shape, noise,
                                       model_kwargs=dict(y=labels), generator=generator)  # fmt: skip

@@ -51,7 +51,7 @@ class DiTModule(LightningModule):
         if init_from:
             self.model.load_state_dict(backbone_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)))
         self.diffusion = create_diffusion(**diffusion)
-        self.sampler = create_diffusion(sampling["steps"], **{k: v for k, v in diffusion.items() if k != "timestep_respacing"})
+        self.sampler = self.sampling_diffusion(sampling["steps"])
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self._grid = []
         self._timer = None
@@ -60,6 +60,10 @@ class DiTModule(LightningModule):
         self._compiled = False
         self._skip_on_device = False  # set with the optimizer
         self._in_a_row = self._longest = self._skipped = None  # device counters of skipped updates
+
+    def sampling_diffusion(self, steps):
+        """The training diffusion respaced to `steps` for sampling ("250", "ddim50", ...)."""
+        return create_diffusion(steps, **{k: v for k, v in self.hparams.diffusion.items() if k != "timestep_respacing"})
 
     def setup(self, stage):
         if stage != "fit" or self._compiled:  # Lightning calls setup for each fit/validate/test
@@ -114,13 +118,17 @@ class DiTModule(LightningModule):
         limit = self.hparams.max_nonfinite_in_a_row
         print(f"step {self.global_step}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row of {limit} allowed)")
         if self.nonfinite_in_a_row >= limit:
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            self.trainer.save_checkpoint(path)  # the weights are still those of the last good step
-            raise FloatingPointError(
-                f"{limit} non-finite losses in a row at step {self.global_step}; the last good state is saved in "
-                f"{path}. Lower the learning rate or use fp32 (trainer.precision=32-true), then resume=auto"
-            )
+            self._stop(f"{limit} non-finite losses in a row at step {self.global_step}")
         return False
+
+    def _stop(self, what):
+        """Save the state as last.ckpt and stop the run: skipped updates left the weights at the last good step."""
+        path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        self.trainer.save_checkpoint(path)
+        raise FloatingPointError(
+            f"{what}; the last good state is saved in {path}. Lower the learning rate or use fp32 "
+            "(trainer.precision=32-true), then resume=auto"
+        )
 
     def on_before_optimizer_step(self, optimizer):
         logged = (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # a step Lightning logs
@@ -153,12 +161,7 @@ class DiTModule(LightningModule):
             self.nonfinite_total = skipped
             self.log("train/nonfinite_skipped", torch.tensor(float(skipped)))
         if longest >= limit:
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            self.trainer.save_checkpoint(path)  # skipped updates left the weights at the last good step
-            raise FloatingPointError(
-                f"{longest} updates in a row had non-finite gradients (by step {self.global_step}); the last good state is saved in "
-                f"{path}. Lower the learning rate or use fp32 (trainer.precision=32-true), then resume=auto"
-            )
+            self._stop(f"{longest} updates in a row had non-finite gradients (by step {self.global_step})")
         self._longest = self._in_a_row.clone()  # "in a row" counts from here on, a run still going included
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -230,12 +233,7 @@ class DiTModule(LightningModule):
         s = self.hparams.sampling
         labels, index = batch
         m = self.model
-        # Each sample's starting noise comes from its own seed, so a grid is the same at every step
-        # of training and does not depend on how many devices drew it.
-        noise = torch.stack([
-            torch.randn(m.in_channels, m.input_size, m.input_size, generator=torch.Generator().manual_seed(s["seed"] + i))
-            for i in index.tolist()
-        ]).to(self.device)  # fmt: skip
+        noise = seeded_noise(m, index, s["seed"]).to(self.device)
         generator = None  # XLA has no torch.Generator: there the device's RNG draws the steps' noise
         if self.device.type != "xla":
             generator = torch.Generator(device=self.device).manual_seed(s["seed"] + 1 + self.global_rank)
@@ -270,6 +268,13 @@ class DiTModule(LightningModule):
         if z.shape[1] not in (1, 3):
             z = z[:, :3] / z[:, :3].abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
         return ((z + 1) / 2).clamp(0, 1)
+
+
+def seeded_noise(model, index, seed):
+    """Starting noise for samples `index`, each from its own seed (seed + i): a sample is the same
+    whatever batch or device draws it, and at every step of training."""
+    shape = (model.in_channels, model.input_size, model.input_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in index.tolist()])
 
 
 def make_grid(images, nrow, pad=1):

@@ -54,16 +54,19 @@ def write_pngs(images, folder):
         Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
 
 
-def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception, tmp_path):
+def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception, tmp_path, capsys):
     """An npz of samples vs a folder of the same real images: FID ≈ 0, precision = recall = 1. Then
     other images as PNGs against the saved reference statistics: the FID of features computed directly."""
     digits = digit_images()
     real = torch.stack([digits[i] for i in range(4)])  # (4, 3, 8, 8) uint8
     np.savez(tmp_path / "samples.npz", arr_0=real.permute(0, 2, 3, 1).numpy())
     write_pngs(real, tmp_path / "real")
+    (tmp_path / "real" / "broken.JPEG").write_bytes(b"not an image")  # skipped and named, not fatal
     weights = ["--inception-weights", str(random_inception)]
     metrics = main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "real"), *weights, "--isc", "--prc",
                     "--save-ref-stats", str(tmp_path / "ref.npz")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "1 of 5 files" in out and "broken.JPEG" in out
     assert abs(metrics["fid"]) < 1e-6 and metrics["num_samples"] == 4
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert np.isfinite(metrics["inception_score"]) and metrics["inception_score"] >= 1.0

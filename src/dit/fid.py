@@ -145,7 +145,25 @@ def image_folder(folder, crop_to=None):
     files = glob_samples_paths(str(folder), deep, "png,jpg,jpeg,JPEG", verbose=False)
     if not files:
         raise FileNotFoundError(f"{folder} holds no PNG or JPEG images{' (searched recursively)' if deep else ''}")
-    return ImagesPathDataset(files, None if crop_to is None else partial(center_crop, size=crop_to))  # picklable for workers
+    # A file that is no image (ImageNet has a few odd ones) is skipped and named, as dit.extract does,
+    # rather than failing a reference pass deep inside a loader worker. A header check: no decoding.
+    readable = [f for f in files if _opens(f)]
+    if len(readable) < len(files):
+        skipped = sorted(set(files) - set(readable))
+        print(f"{len(skipped)} of {len(files)} files in {folder} are not readable images and were skipped: "
+              + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return ImagesPathDataset(readable, None if crop_to is None else partial(center_crop, size=crop_to))  # picklable for workers
+
+
+def _opens(path):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # not an image, a truncated header, an unknown format
+        return False
 
 
 def load_samples(path):

@@ -95,6 +95,10 @@ def run(fabric, args):
     device = fabric.device
     model, scale = load_model(args.checkpoint, args.num_heads)
     model.to(device)
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        # Every step of every batch has the same shapes: compiled once, the graph serves the whole run
+        # (the last, smaller batch compiles once more).
+        model.compile()
     classes = [int(c) for c in args.classes.split(",")] if args.classes else []
     if any(not 0 <= c < model.num_classes for c in classes):
         raise ValueError(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}")
@@ -142,6 +146,7 @@ def main(argv=None):
     parser.add_argument("--devices", default="auto", help="how many devices; auto: every GPU (one process on a CPU)")
     parser.add_argument("--accelerator", default="auto", help="cpu, cuda or auto (Lightning Fabric)")
     parser.add_argument("--precision", choices=["tf32", "fp32", "bf16"], default="tf32", help="GPU matmuls (official: TF32)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model (auto: on GPUs)")
     parser.add_argument("--num-heads", type=int, help="for a bare state dict of a width off the paper's table")
     args = parser.parse_args(argv)
     if not (args.sampler.startswith(("ddpm", "ddim")) and args.sampler[4:].isdigit()):

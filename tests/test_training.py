@@ -58,6 +58,10 @@ def test_trainer_presets_compose(preset, tmp_path):
     assert cfg.trainer._target_ == "lightning.Trainer"
     # tpu_v3: no precision flag, its XLA bf16-autocast plugin sets it
     assert cfg.trainer.precision == {"gpu": "bf16-mixed", "ddp": "bf16-mixed", "tpu_v3": None}.get(preset, "32-true")
+    if preset == "ddp":  # the strategy dit.benchmark --devices measures
+        from dit.benchmark import DDP_OPTIONS
+
+        assert {k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"} == DDP_OPTIONS
     if preset == "cpu":
         trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()], logger=False)
         assert trainer.max_steps == 400_000

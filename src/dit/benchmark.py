@@ -22,12 +22,18 @@ import time
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import DDPStrategy
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dit.diffusion import create_diffusion, guided
 from dit.flops import count_gflops
 from dit.models import DiT, DiT_models
 from dit.module import DiTModule
+
+
+# The DDP settings of conf/trainer/ddp.yaml (a test checks they agree), so --devices measures what
+# train.py trainer=ddp runs.
+DDP_OPTIONS = dict(gradient_as_bucket_view=True, bucket_cap_mb=100)
 
 
 def matmul_tflops(device, dtype, size=None, windows=None):
@@ -119,7 +125,7 @@ def benchmark_training(args, kwargs, accelerator):
     timer = StepTimer(args.warmup)
     trainer = Trainer(
         accelerator=accelerator, devices=args.devices, precision=args.precision, max_steps=total,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=DDPStrategy(**DDP_OPTIONS) if args.devices > 1 else "auto",
         callbacks=[WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=False), timer],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, log_every_n_steps=100,

@@ -24,24 +24,8 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def random_inception(tmp_path_factory):
-    """A state dict of torch-fidelity's own Inception-v3 (`FeatureExtractorInceptionV3`), randomly
-    initialised, in a file: the real weights cannot be downloaded here. Conv weights are drawn with
-    He init, which keeps the activations alive through the 90-odd layers (PyTorch's default init
-    shrinks them to ~1e-8 and every image would give the same features)."""
-    import torch
-    from torch import nn
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    """torch-fidelity's own Inception-v3, randomly initialised, in a file (dit.fid.random_inception):
+    the real weights cannot be downloaded here."""
+    from dit.fid import random_inception
 
-    class Unloaded(FeatureExtractorInceptionV3):  # the class builds itself, then loads weights: skip the load
-        def load_state_dict(self, state_dict, strict=True):
-            return None
-
-    folder = tmp_path_factory.mktemp("inception")
-    torch.save({}, folder / "none.pth")
-    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "none.pth"))
-    torch.manual_seed(0)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), folder / "inception.pth")
-    return folder / "inception.pth"
+    return random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")

@@ -58,6 +58,32 @@ def inception(weights=None, device="cpu"):
     return extractor.to(device)
 
 
+def random_inception(path, seed=0):
+    """Save torch-fidelity's own Inception-v3, randomly initialised, as a weights file for `inception`:
+    the same class and code path as the real weights, for tests and offline checks (as
+    dit.vae.tiny_vae). Conv weights are drawn with He init, which keeps the activations alive through
+    the 90-odd layers (PyTorch's default init shrinks them to ~1e-8: every image would give the same
+    features)."""
+    from torch import nn
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):  # the class builds itself, then loads weights: skip the load
+        def load_state_dict(self, state_dict, strict=True):
+            return None
+
+    path = Path(path)
+    empty = path.with_name(path.name + ".empty")
+    torch.save({}, empty)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    empty.unlink()
+    torch.manual_seed(seed)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
+
+
 class UInt8Images(Dataset):
     """(N, H, W, C) uint8 images (numpy or torch), given as (3, H, W) tensors, as torch-fidelity takes
     them; one channel (the digits) is repeated to three."""

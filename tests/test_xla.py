@@ -10,7 +10,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla starts its runti
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 import train
 from dit.diffusion import create_diffusion, guided
@@ -143,6 +145,24 @@ def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
         torch.testing.assert_close(out, sdpa.to(device)(x.to(device), t.to(device), y.to(device)).cpu())
     with pytest.raises(ValueError, match="unknown attention 'flash'; choose sdpa or xla_flash"):
         DiT(attention="flash")
+
+
+def test_pod_preset_puts_the_run_on_a_shared_folder_and_keeps_tpu_v3(tmp_path):
+    for overrides, missing in ([], "shared_dir=<a folder every host mounts>"), (["shared_dir=/mnt/shared"], "name=<run name>"):
+        compose_cfg(["trainer=tpu_v3_pod", *overrides], tmp_path)
+        # Hydra resolves the run folder before train.main: the one sentence, then exit (no trace)
+        with pytest.raises(SystemExit, match=f"^trainer=tpu_v3_pod needs {missing}"):
+            HydraConfig.get().run.dir
+    shared = tmp_path / "shared"
+    pod = compose_cfg(["trainer=tpu_v3_pod", f"shared_dir={shared}", "name=xl2"], tmp_path)
+    assert HydraConfig.get().run.dir == str(shared / "outputs" / "xl2")
+    assert HydraConfig.get().sweep.dir == str(shared / "multirun" / "xl2")
+    assert pod.data.cache_dir == "/tmp/dit_chunks"  # each host's own disk, not the shared folder
+    tpu = compose_cfg(["trainer=tpu_v3"], tmp_path)
+    assert pod.trainer.accelerator == "tpu" and pod.callbacks.ema._target_ == "dit.xla.XLAWeightAveraging"
+    for key in ("trainer", "model", "module", "callbacks"):  # devices, plugins, attention, NaN guard, EMA
+        assert pod[key] == tpu[key], key
+    assert {k: v for k, v in pod.data.items() if k != "cache_dir"} == dict(tpu.data.items())
 
 
 class HandedOver(Exception):

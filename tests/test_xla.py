@@ -15,7 +15,6 @@ import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
 
 import train
 from dit.diffusion import create_diffusion, guided

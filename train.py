@@ -58,8 +58,22 @@ def ddp_child_command(local_rank):
     return command, hydra.utils.get_original_cwd()
 
 
+def pod_run_folder(shared_dir, kind, name):
+    """<shared_dir>/<outputs or multirun>/<name>: the one run folder of every host of a pod slice
+    (conf/trainer/tpu_v3_pod.yaml), where global rank 0 writes the checkpoints all hosts resume from.
+
+    A missing value exits with one sentence: Hydra resolves this folder before calling main(), and
+    an exception there prints some 70 lines of OmegaConf's trace around it."""
+    if not shared_dir:
+        sys.exit("trainer=tpu_v3_pod needs shared_dir=<a folder every host mounts>, where the run and its checkpoints live")
+    if not name:
+        sys.exit("trainer=tpu_v3_pod needs name=<run name>: timestamps differ between hosts, a name gives them one run folder")
+    return os.path.join(shared_dir, kind, name)
+
+
 lightning_launcher._hydra_subprocess_cmd = ddp_child_command
 OmegaConf.register_new_resolver("run_folder", lambda name, stamp: name or stamp, replace=True)
+OmegaConf.register_new_resolver("pod_run_folder", pod_run_folder, replace=True)
 OmegaConf.register_new_resolver("dit_name", lambda depth, width, patch: config_name(depth, width, patch), replace=True)
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)

@@ -12,6 +12,7 @@ from lightning.fabric.plugins import XLACheckpointIO
 from lightning.pytorch.accelerators import XLAAccelerator
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins.precision import XLAPrecision
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dit.checkpoints import AtomicCheckpointIO
 
@@ -45,6 +46,18 @@ class AtomicXLACheckpointIO(AtomicCheckpointIO, XLACheckpointIO):
         # OmegaConf containers do not survive xm's CPU copy (pytorch/xla#2773): plain dicts first.
         checkpoint = apply_to_collection(checkpoint, (DictConfig, ListConfig), OmegaConf.to_container)
         super().save_checkpoint(xm._maybe_convert_to_cpu(checkpoint, convert=True), path, storage_options)
+
+
+class EMAUpdate:
+    """torch's EMA update (`get_ema_multi_avg_fn`) as an object that pickles: torch_xla sends the
+    trainer, callbacks included, to each worker process of a TPU host by pickling it (a v3-8: one
+    process per chip), and torch's update is a closure, which does not pickle."""
+
+    def __init__(self, decay):
+        self.decay = decay
+
+    def __call__(self, ema_params, current_params, num_averaged):
+        get_ema_multi_avg_fn(self.decay)(ema_params, current_params, num_averaged)
 
 
 class XLAWeightAveraging(WeightAveraging):

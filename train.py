@@ -101,10 +101,11 @@ def check_config(cfg):
             "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
         )
     if accelerator == "tpu":
+        preset = f"trainer={HydraConfig.get().runtime.choices.get('trainer')}" if HydraConfig.initialized() else "trainer.accelerator=tpu"
         try:
             import torch_xla  # noqa: F401
         except ImportError:
-            raise RuntimeError('trainer=tpu_v3 needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
+            raise RuntimeError(f'{preset} needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
         from lightning.fabric.accelerators.xla import XLAAccelerator
 
         try:
@@ -112,7 +113,7 @@ def check_config(cfg):
         except Exception:  # torch_xla asks the cloud's metadata server, unreachable off a TPU VM
             has_tpu = False
         if not has_tpu:
-            raise RuntimeError("trainer=tpu_v3 but this machine has no TPU; use trainer=gpu or trainer=cpu here")
+            raise RuntimeError(f"{preset} but this machine has no TPU; use trainer=gpu or trainer=cpu here")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -74,6 +74,7 @@ def test_tpu_preset_without_torch_xla(monkeypatch, tmp_path):
     from test_training import compose_cfg
 
     monkeypatch.setitem(sys.modules, "torch_xla", None)  # as if not installed
-    cfg = compose_cfg(["trainer=tpu_v3"], tmp_path)
-    with pytest.raises(RuntimeError, match=r"trainer=tpu_v3 needs torch_xla: pip install -e \".\[tpu\]\""):
-        train.check_config(cfg)
+    for preset, extra in ("tpu_v3", []), ("tpu_v3_pod", [f"shared_dir={tmp_path}", "name=pod"]):  # the message names the preset typed
+        cfg = compose_cfg([f"trainer={preset}", *extra], tmp_path)
+        with pytest.raises(RuntimeError, match=rf"trainer={preset} needs torch_xla: pip install -e \".\[tpu\]\""):
+            train.check_config(cfg)

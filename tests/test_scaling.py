@@ -96,6 +96,38 @@ def test_plots_from_the_sweep(sweep, tmp_path):
         load_runs([tmp_path])
 
 
+def test_plots_read_a_wandb_project_through_the_public_api(sweep, monkeypatch):
+    """`wandb:<entity>/<project>` goes through wandb.Api (no server here): a stand-in serves the
+    sweep's own logged config and metrics the way the public API does (run.config, and
+    run.scan_history(keys) yielding the rows that hold every key asked for, with just those keys);
+    the runs read must equal those read from the folders."""
+    import csv
+
+    import wandb
+    import yaml
+
+    class Run:
+        def __init__(self, folder):
+            log = sorted(folder.rglob("metrics.csv"))[-1]
+            self.config = yaml.safe_load((log.parent / "hparams.yaml").read_text())
+            self.rows = [{("trainer/global_step" if k == "step" else k): v for k, v in r.items()} for r in csv.DictReader(log.open())]
+            self.url = f"https://wandb.ai/team/dit/runs/{folder.name}"
+
+        def scan_history(self, keys):
+            return [{k: float(row[k]) for k in keys} for row in self.rows if all(row.get(k) not in (None, "") for k in keys)]
+
+    class Api:
+        def runs(self, project):
+            assert project == "team/dit"
+            return [Run(folder) for folder in sorted(sweep.iterdir()) if (folder / ".hydra").is_dir()]
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    from_wandb, from_folders = load_runs(["wandb:team/dit"]), load_runs([sweep])
+    assert len(from_wandb) == 2 and all(r["source"].startswith("https://wandb.ai/team/dit/runs/") for r in from_wandb)
+    for ours, theirs in zip(from_wandb, from_folders):
+        assert {k: v for k, v in ours.items() if k != "source"} == {k: v for k, v in theirs.items() if k != "source"}
+
+
 def assert_nonblank_png(path):
     pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
     assert pixels.shape[0] > 100 and pixels.std() > 5, f"{path} is blank"

@@ -398,6 +398,7 @@ def test_cosine_schedule():
     ("2000", "asks for 2000 steps in a section of 1000"),
     ("ddim3000", "no integer stride gives exactly 3000"),
     ([0, 1000], r"must lie in \[0, 999\]"),
+    ("1", "keeps 1 step; a sampler needs at least 2"),
 ])  # fmt: skip
 def test_bad_respacing(respacing, match):
     with pytest.raises(ValueError, match=match):

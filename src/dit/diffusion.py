@@ -334,6 +334,8 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma
     steps, linear β, learned range) and `create_diffusion("250")` for sampling."""
     betas = beta_schedule(noise_schedule, diffusion_steps)
     kept = space_timesteps(diffusion_steps, timestep_respacing)
+    if len(kept) < 2:  # the learned-range variance needs the posterior variance of a step t ≥ 1
+        raise ValueError(f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2")
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

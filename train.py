@@ -101,7 +101,8 @@ def check_config(cfg):
             "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
         )
     if accelerator == "tpu":
-        preset = f"trainer={HydraConfig.get().runtime.choices.get('trainer')}" if HydraConfig.initialized() else "trainer.accelerator=tpu"
+        choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
+        preset = f"trainer={choice}" if str(choice).startswith("tpu") else "trainer.accelerator=tpu"  # what was typed
         try:
             import torch_xla  # noqa: F401
         except ImportError:

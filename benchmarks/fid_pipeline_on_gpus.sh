@@ -5,11 +5,12 @@
 # on both ranks; dit.sample (compiled) on 1 and on 2 GPUs, compared byte for byte, and eager;
 # dit.fid of the samples against the image folder. Run from the repository root:
 #   bash benchmarks/fid_pipeline_on_gpus.sh 0 1        # the two GPUs to use
-set -e
-F=${F:-/tmp/fid_pipeline}; ROOT=$PWD; G=$1,$2; PY=${PYTHON:-python}
+set -euo pipefail
+: "${2:?usage: bash benchmarks/fid_pipeline_on_gpus.sh GPU GPU (two GPU indices, e.g. 0 1)}"
+F=${F:-/tmp/fid_pipeline}; ROOT=$PWD; G=$1,$2; PY=$(command -v "${PYTHON:-python}")
 rm -rf "$F" && mkdir -p "$F"
 $PY benchmarks/fid_pipeline_fixtures.py "$F" 48
-CUDA_VISIBLE_DEVICES=$G torchrun --nproc_per_node 2 -m dit.extract "$F/imgs" "$F/lat" --vae "$F/vae" --precision bf16 --batch-size 16 --part-size 48
+CUDA_VISIBLE_DEVICES=$G $PY -m torch.distributed.run --nproc_per_node 2 -m dit.extract "$F/imgs" "$F/lat" --vae "$F/vae" --precision bf16 --batch-size 16 --part-size 48
 CUDA_VISIBLE_DEVICES=$1 $PY -m dit.extract "$F/imgs" "$F/lat32" --vae "$F/vae" --precision fp32 --batch-size 16 --part-size 48
 $PY - "$F" <<'PY'
 import sys
@@ -20,9 +21,8 @@ for i, name in enumerate(("lat", "lat32")):
     for r in StreamingDataset(f"{sys.argv[1]}/{name}"):
         by_label[i].setdefault(int(r["label"]), []).append(r["posterior"].astype(np.float32))
 errors = []
-for label, records in by_label[0].items():  # parts hold the images in another order: match by content
-    key = lambda p: float(p[0, 0].sum())  # noqa: E731
-    for bf16, fp32 in zip(sorted(records, key=key), sorted(by_label[1][label], key=key)):
+for label, records in by_label[0].items():  # parts are merged in part order: the same order in both
+    for bf16, fp32 in zip(records, by_label[1][label]):
         errors.append(np.sqrt(((bf16[:, 0] - fp32[:, 0]) ** 2).mean() / (fp32[:, 0] ** 2).mean()))
 print(f"bf16 vs fp32 posterior means: relative RMS error mean {np.mean(errors):.4f}, max {np.max(errors):.4f} ({len(errors)} records)")
 PY
@@ -30,7 +30,7 @@ PY
   data.num_classes=4 data.global_batch_size=32 data.num_workers=2 "data.sample_classes=[0,1]" trainer.max_steps=20 \
   trainer.log_every_n_steps=5 trainer.val_check_interval=20 logger=csv name=fidrun callbacks=fid callbacks.fid.ref="$F/imgs" \
   callbacks.fid.inception_weights="$F/inception.pth" callbacks.fid.vae="$F/vae" callbacks.fid.num_samples=40 \
-  callbacks.fid.every_n_steps=10 'callbacks.fid.steps="10"' callbacks.fid.batch_size=16 2>&1 | grep "FID")
+  callbacks.fid.every_n_steps=10 'callbacks.fid.steps="10"' callbacks.fid.batch_size=16 2>&1 | tee "$F/train.log" | grep "FID")
 CK=$F/outputs/fidrun/checkpoints/last.ckpt
 S="--num-samples 40 --batch-size 16 --sampler ddpm20 --vae $F/vae"
 CUDA_VISIBLE_DEVICES=$1 $PY -m dit.sample "$CK" "$F/s1" $S --devices 1

@@ -62,6 +62,7 @@ def test_trainer_presets_compose(preset, tmp_path):
         from dit.benchmark import DDP_OPTIONS
 
         assert {k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"} == DDP_OPTIONS
+        assert instantiate(cfg.trainer.strategy)._ddp_kwargs == DDP_OPTIONS  # a strategy Lightning takes
     if preset == "cpu":
         trainer = instantiate(cfg.trainer, callbacks=[instantiate(c) for c in cfg.callbacks.values()], logger=False)
         assert trainer.max_steps == 400_000

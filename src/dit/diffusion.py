@@ -334,7 +334,7 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma
     steps, linear β, learned range) and `create_diffusion("250")` for sampling."""
     betas = beta_schedule(noise_schedule, diffusion_steps)
     kept = space_timesteps(diffusion_steps, timestep_respacing)
-    if len(kept) < 2:  # the learned-range variance needs the posterior variance of a step t ≥ 1
+    if len(kept) < 2:  # the variance tables take step 0's value from step 1's (as the official code)
         raise ValueError(f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2")
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]

@@ -74,12 +74,13 @@ def random_inception(path, seed=0):
     path = Path(path)
     empty = path.with_name(path.name + ".empty")
     torch.save({}, empty)
-    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    with torch.random.fork_rng(devices=[]):  # every weight from `seed`; the caller's RNG untouched
+        torch.manual_seed(seed)
+        net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     empty.unlink()
-    torch.manual_seed(seed)
-    for module in net.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(net.state_dict(), path)
     return path
 
@@ -171,24 +172,27 @@ def image_folder(folder, crop_to=None):
     files = glob_samples_paths(str(folder), deep, "png,jpg,jpeg,JPEG", verbose=False)
     if not files:
         raise FileNotFoundError(f"{folder} holds no PNG or JPEG images{' (searched recursively)' if deep else ''}")
-    # A file that is no image (ImageNet has a few odd ones) is skipped and named, as dit.extract does,
-    # rather than failing a reference pass deep inside a loader worker. A header check: no decoding.
-    readable = [f for f in files if _opens(f)]
-    if len(readable) < len(files):
-        skipped = sorted(set(files) - set(readable))
-        print(f"{len(skipped)} of {len(files)} files in {folder} are not readable images and were skipped: "
-              + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
-    return ImagesPathDataset(readable, None if crop_to is None else partial(center_crop, size=crop_to))  # picklable for workers
+    if deep:
+        # In a folder of real images, a file that is no image (a stray file, a broken download) is
+        # skipped and named rather than failing the pass deep inside a loader worker. A header read,
+        # no decoding: a JPEG truncated past its header is still found only when decoded.
+        readable = [f for f in files if image_header_reads(f)]
+        if len(readable) < len(files):
+            skipped = sorted(set(files) - set(readable))
+            print(f"{len(skipped)} of {len(files)} files in {folder} are not readable images and were skipped: "
+                  + ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        files = readable
+    return ImagesPathDataset(files, None if crop_to is None else partial(center_crop, size=crop_to))  # picklable for workers
 
 
-def _opens(path):
+def image_header_reads(path):
+    """Whether PIL recognises the file as an image (its header only)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
-        return True
-    except Exception:  # not an image, a truncated header, an unknown format
+        with Image.open(path):
+            return True
+    except Exception:  # not an image, an unknown format, a header cut short
         return False
 
 

@@ -1,11 +1,14 @@
 """Samples/s that the latent DataModule delivers from local shards, without a model (does the
 loader keep a GPU fed?). ImageNet-256 records: two fp16 4×32×32 posteriors (image, flip).
+Also the CPU time a sample costs, the training process and its loader workers together: on a
+shared machine samples/s follows the load, CPU time much less.
 
     python benchmarks/synthetic_latents.py /tmp/lat32 20000 32     # once: 20K random records
     python benchmarks/loader.py /tmp/lat32 --num-workers 2 --batch-size 256 --epochs 3
 """
 
 import argparse
+import resource
 import time
 
 from dit.data import LatentDataModule
@@ -23,16 +26,25 @@ def main():
     dm.setup("fit")
     loader = dm.train_dataloader()
     for epoch in range(args.epochs):  # every epoch starts its workers anew, as in training
+        cpu_start = cpu_seconds()
         start, n = time.perf_counter(), 0
         for batch in loader:
             if n == 0:
                 first = time.perf_counter()  # workers started, first batch in
             n += batch["label"].shape[0]
         end = time.perf_counter()
+        cpu = (cpu_seconds() - cpu_start) / n  # the workers count once reaped, at the epoch's end
         steady = (n - args.batch_size) / (end - first)
         print(f"epoch {epoch}: {n} samples, {n / (end - start):,.0f} samples/s including the workers' start "
               f"({first - start:.2f} s), {steady:,.0f} samples/s after the first batch "
-              f"({args.num_workers} workers, batch {args.batch_size})")  # fmt: skip
+              f"({args.num_workers} workers, batch {args.batch_size}), {cpu * 1e6:.0f} µs of CPU a sample")  # fmt: skip
+
+
+def cpu_seconds():
+    """User + system CPU time of this process and of its reaped children (the loader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
 
 if __name__ == "__main__":
     main()

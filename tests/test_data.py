@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dit.data import LatentDataModule, sample_latents, write_shards
+from dit.data import CollateRecords, LatentDataModule, PosteriorView, sample_latents, write_shards
 
 
 def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
@@ -120,6 +120,49 @@ def test_label_beyond_num_classes(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta | {"num_classes": 10}))  # a lying meta.json
     with pytest.raises(ValueError, match=r"label 1\d, outside \[0, 9\]"):
         list(datamodule(path).train_dataloader())
+
+
+def test_posterior_view_decodes_litdatas_bytes_without_a_copy():
+    from litdata.streaming.serializers import NumpySerializer
+
+    posterior = np.arange(2 * 2 * 3 * 4 * 4, dtype=np.float16).reshape(2, 2, 3, 4, 4)
+    data, _ = NumpySerializer().serialize(posterior)
+    view = PosteriorView().deserialize(memoryview(data))
+    assert view.dtype == np.float16 and np.array_equal(view, posterior)
+    assert np.shares_memory(view, np.frombuffer(data, np.uint8)) and not view.flags.writeable
+
+
+def test_collate_stacks_records_and_names_a_bad_one():
+    collate = CollateRecords(num_classes=10, channels=2, latent_size=4)
+    posteriors = np.random.default_rng(0).standard_normal((5, 2, 2, 2, 4, 4)).astype(np.float16)
+    batch = collate([{"label": i + 3, "posterior": p} for i, p in enumerate(posteriors)])
+    assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == [3, 4, 5, 6, 7]
+    assert batch["posterior"].dtype == torch.float16 and np.array_equal(batch["posterior"].numpy(), posteriors)
+    with pytest.raises(ValueError, match=r"a record has label 10, outside \[0, 9\]"):
+        collate([{"label": 2, "posterior": posteriors[0]}, {"label": 10, "posterior": posteriors[1]}])
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 2, 4, 3\), expected \(2, 2, 2, 4, 4\)"):
+        collate([{"label": 2, "posterior": posteriors[0][..., :3]}])
+
+
+def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
+    """Two workers, as in training: the same batches, bit for bit, as litdata's default path
+    (per-record copy, torch's collate) for the same seed; the training process keeps its own
+    way of sharing tensors."""
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    strategy, method = torch.multiprocessing.get_sharing_strategy(), mp.get_start_method()
+    mp.set_start_method("fork", force=True)  # litdata.optimize left "spawn": ~10 s of imports a worker here
+    try:
+        dm = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128, num_workers=2, seed=3)
+        ours = list(dm.train_dataloader())
+        dataset = StreamingDataset(str(digits_dir), shuffle=True, drop_last=True, seed=3)
+        theirs = list(StreamingDataLoader(dataset, batch_size=128, num_workers=2, drop_last=True))
+    finally:
+        mp.set_start_method(method, force=True)
+    assert len(ours) == len(theirs) == 1792 // 128
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["posterior"], b["posterior"])
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
 
 
 def test_digits_shards(digits_dir):

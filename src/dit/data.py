@@ -11,16 +11,23 @@ distribution of training inputs, at no VAE cost:
 
 A folder of shards also holds `meta.json` (channels, latent size, classes, count, source), which
 is checked against the model before training starts.
+
+Reading keeps up with a GPU at the paper's 32 images per GPU (docs/benchmarks.md): a record is
+decoded as a view of the chunk litdata holds, copied once, straight into a batch that lives in
+shared memory as one block, and loader workers hand that block to the training process by name.
 """
 
 import json
 import logging
+import struct
 from pathlib import Path
 
+import litdata
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from litdata.streaming.serializers import _NUMPY_DTYPES_MAPPING, NumpySerializer  # the format's dtype table
+from torch.utils.data import DataLoader, TensorDataset, get_worker_info
 
 META_FILE = "meta.json"
 logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache size at every epoch
@@ -32,8 +39,6 @@ def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
     `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]. `meta` gives
     channels, latent_size, num_classes and source.
     """
-    import litdata
-
     records = list(records)
     output_dir = Path(output_dir)
     litdata.optimize(
@@ -126,28 +131,28 @@ class LatentDataModule(LightningDataModule):
                 )
 
     def train_dataloader(self):
-        from litdata import StreamingDataLoader, StreamingDataset
-
-        dataset = StreamingDataset(
+        dataset = litdata.StreamingDataset(
             self.path,
             cache_dir=self.hparams.cache_dir,
             shuffle=True,
             drop_last=True,
             seed=self.hparams.seed,
-            transform=CheckRecord(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
+            serializers={"numpy": PosteriorView()},
         )
         if len(dataset) < self.batch_size:
             raise ValueError(
                 f"{self.path} holds {len(dataset)} samples for this rank, fewer than one batch of {self.batch_size}"
             )
         workers = self.hparams.num_workers
-        return StreamingDataLoader(
+        return litdata.StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
             num_workers=workers,
             drop_last=True,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            collate_fn=CollateRecords(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
+            worker_init_fn=share_batches_by_name,
             # Its own generator: starting an epoch's iterator then draws no number from the global
             # RNG, whose state checkpoints restore (an exact resume starts mid-epoch).
             generator=torch.Generator().manual_seed(self.hparams.seed),
@@ -198,19 +203,55 @@ def sample_latents(posterior, flip, scale_factor):
     return (mean + std * torch.randn_like(mean)) * scale_factor
 
 
-class CheckRecord:
-    """Per-record check in the loader workers (cheap host-side ints): the label range and shape.
-    A bad record names itself rather than surfacing as a device-side assert later."""
+class PosteriorView(NumpySerializer):
+    """litdata's decoding of a record's posterior without its copy: a read-only view of the
+    record's bytes in the chunk litdata holds (a memory map of a local shard). `CollateRecords`
+    copies it into the batch; the view keeps the chunk mapped until then. Same bytes on disk:
+    dtype index, number of dims, dims (uint32 each), then the array."""
+
+    def deserialize(self, data):
+        dtype_index, ndim = struct.unpack_from("<II", data)
+        shape = struct.unpack_from(f"<{ndim}I", data, 8)
+        return np.frombuffer(data, _NUMPY_DTYPES_MAPPING[dtype_index], offset=8 + 4 * ndim).reshape(shape)
+
+
+class CollateRecords:
+    """Checks a batch of records and stacks them, in the loader worker. The checks (label range,
+    posterior shape) are cheap host-side ones: a bad record names itself here rather than surfacing
+    as a device-side assert later. The batch is one block of memory, posteriors then labels, made
+    shared from the start as torch's default collate does in a worker: each record's bytes are
+    copied once, and the block goes to the training process in one hand-over, not one a tensor."""
 
     def __init__(self, num_classes, channels, latent_size):
         self.num_classes = num_classes
         self.shape = (2, 2, channels, latent_size, latent_size)
 
-    def __call__(self, record):
-        label = record["label"]
-        if not 0 <= label < self.num_classes:
-            raise ValueError(f"a record has label {label}, outside [0, {self.num_classes - 1}] for this data config")
-        if tuple(record["posterior"].shape) != self.shape:
-            raise ValueError(f"a record's posterior has shape {tuple(record['posterior'].shape)}, expected {self.shape}")
-        return record
+    def __call__(self, records):
+        for record in records:
+            if record["posterior"].shape != self.shape:
+                raise ValueError(f"a record's posterior has shape {record['posterior'].shape}, expected {self.shape}")
+        labels = np.array([record["label"] for record in records], dtype=np.int64)
+        outside = (labels < 0) | (labels >= self.num_classes)
+        if outside.any():
+            raise ValueError(
+                f"a record has label {labels[outside][0]}, outside [0, {self.num_classes - 1}] for this data config"
+            )
+        posterior_bytes = len(records) * int(np.prod(self.shape)) * 2  # float16
+        size = posterior_bytes + labels.nbytes
+        storage = torch.UntypedStorage._new_shared(size) if get_worker_info() else torch.UntypedStorage(size)
+        block = torch.empty(0, dtype=torch.uint8).set_(storage)
+        posterior = block[:posterior_bytes].view(torch.float16).view(len(records), *self.shape)
+        label = block[posterior_bytes:].view(torch.int64)
+        np.stack([record["posterior"] for record in records], out=posterior.numpy())
+        label.numpy()[:] = labels
+        return {"label": label, "posterior": posterior}
 
+
+def share_batches_by_name(worker_id):
+    """In each loader worker: hand batches to the training process as named shared-memory files.
+    torch's default passes a file descriptor per batch over a socket, a round trip that waits for
+    the busy worker's GIL; at batch 32 that capped the loader near 8K samples/s on 2 cores
+    (docs/benchmarks.md). Only the workers change strategy; the process that trains keeps its own.
+    Lightning's worker seeding (seed_everything(workers=True)) steps aside for this function, and
+    has nothing to seed here: the workers draw no random numbers (litdata shuffles with `seed`)."""
+    torch.multiprocessing.set_sharing_strategy("file_system")

@@ -26,7 +26,8 @@ import litdata
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from litdata.streaming.serializers import _NUMPY_DTYPES_MAPPING, NumpySerializer  # the format's dtype table
+from litdata.constants import _NUMPY_DTYPES_MAPPING  # the shard format's dtype table (private: litdata pinned below 0.3)
+from litdata.streaming.serializers import NumpySerializer
 from torch.utils.data import DataLoader, TensorDataset, get_worker_info
 
 META_FILE = "meta.json"

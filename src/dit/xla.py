@@ -10,11 +10,10 @@ import os
 import torch
 from lightning.fabric.plugins import XLACheckpointIO
 from lightning.pytorch.accelerators import XLAAccelerator
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.plugins.precision import XLAPrecision
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dit.checkpoints import AtomicCheckpointIO
+from dit.ema import EMA
 
 
 class XLABf16AutocastPrecision(XLAPrecision):
@@ -48,33 +47,15 @@ class AtomicXLACheckpointIO(AtomicCheckpointIO, XLACheckpointIO):
         super().save_checkpoint(xm._maybe_convert_to_cpu(checkpoint, convert=True), path, storage_options)
 
 
-class EMAUpdate:
-    """torch's EMA update (`get_ema_multi_avg_fn`) as an object that pickles: torch_xla sends the
-    trainer, callbacks included, to each worker process of a TPU host by pickling it (a v3-8: one
-    process per chip), and torch's update is a closure, which does not pickle."""
-
-    def __init__(self, decay):
-        self.decay = decay
-
-    def __call__(self, ema_params, current_params, num_averaged):
-        get_ema_multi_avg_fn(self.decay)(ema_params, current_params, num_averaged)
-
-
-class XLAWeightAveraging(WeightAveraging):
-    """Lightning's WeightAveraging (the EMA) with a fix for torch_xla 2.9's buffer sharing.
+class XLAWeightAveraging(EMA):
+    """The EMA (dit.ema: its count of averages stays on the host, so no step waits for the
+    device to read it) with a fix for torch_xla 2.9's buffer sharing.
 
     On XLA, copying one device tensor into another (the average's first update, its deepcopy)
     makes both share one buffer, and the next in-place update of one donates that buffer, deleting
     the other's data ("buffer ... is deleted"). The optimizer rewrites every trainable parameter in
     the same graph, so only frozen ones (DiT's pos_embed) break: they get their own buffer here.
-    And the count of averages, which AveragedModel compares with 0 at every update, stays on the
-    host, or each step would wait for the device to read it.
     """
-
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._average_model.n_averaged = self._average_model.n_averaged.cpu()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

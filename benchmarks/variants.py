@@ -5,8 +5,14 @@ environment variables; how the variant rows of docs/benchmarks.md were measured.
     INDUCTOR='{"coordinate_descent_tuning": true}' python benchmarks/variants.py ...  # torch._inductor.config
     DDP='{"bucket_cap_mb": 250}' python benchmarks/variants.py ... --devices 4       # DDPStrategy keywords
     DDP_HOOK=bf16 python benchmarks/variants.py ... --devices 4      # all-reduce the gradients in bf16
+    DDP_HOOK=mean python benchmarks/variants.py ... --devices 4      # one averaging all-reduce a bucket
+    DYNAMO='{"optimize_ddp": false}' python benchmarks/variants.py ... --devices 4   # torch._dynamo.config
+    PROFILE=/tmp/prof python benchmarks/variants.py ...   # + a kernel profile of two warm-up steps
 
 DDP replaces dit.benchmark.DDP_OPTIONS (the settings of conf/trainer/ddp.yaml) by its own keywords.
+PROFILE profiles the last warm-up steps but two (compiled and CUDA-graphed by then; the timed
+window is not profiled), writes rank 0's Chrome trace there and prints where the GPU time went
+(`benchmarks/kernel_summary.py`).
 """
 
 import contextlib
@@ -17,17 +23,67 @@ import sys
 import torch
 
 import dit.benchmark as benchmark
+from kernel_summary import report, summarize
+
+PROFILED_STEPS = 2
+
+
+class ProfilingTimer(benchmark.StepTimer):
+    """dit.benchmark's StepTimer that also profiles steps warmup-3 and warmup-2 on rank 0."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup - 1 - PROFILED_STEPS and trainer.is_global_zero:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+            self.profiler.start()
+        super().on_train_batch_start(trainer, module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+        if batch_idx == self.warmup - 2 and trainer.is_global_zero:
+            benchmark._now(module.device)
+            self.profiler.stop()
+            path = os.path.join(os.environ["PROFILE"], "trace.json")
+            os.makedirs(os.environ["PROFILE"], exist_ok=True)
+            self.profiler.export_chrome_trace(path)
+            with open(path) as f:
+                s = summarize(json.load(f), PROFILED_STEPS)
+            print(f"profile of steps {batch_idx + 1 - PROFILED_STEPS}-{batch_idx} on rank 0 ({path}):")
+            print(self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            if s is None:
+                print("  no GPU kernels in the trace")
+            else:
+                with torch.device("meta"):
+                    forward = 2 * benchmark.count_gflops(benchmark.DiT(**module.hparams.model))
+                report(s, 3 * forward * len(batch[1]))  # GFLOP a step (batch: latents, labels)
+
+
+def allreduce_mean(process_group, bucket):
+    """A DDP communication hook: each gradient bucket averaged by NCCL itself (`ReduceOp.AVG`).
+    Without a hook, DDP's reducer divides each gradient by the world size, one kernel per
+    parameter (2.6 ms a step for DiT-XL/2 on an H200). With any hook, though, it copies each
+    gradient into its bucket instead (the compiled backward's gradients are not bucket views):
+    slower on 2 GPUs (docs/benchmarks.md), so not the default."""
+    work = torch.distributed.all_reduce(bucket.buffer(), op=torch.distributed.ReduceOp.AVG, group=process_group,
+                                        async_op=True)  # fmt: skip
+    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def main():
     for key, value in json.loads(os.environ.get("INDUCTOR", "{}")).items():
         setattr(torch._inductor.config, key, value)
+    for key, value in json.loads(os.environ.get("DYNAMO", "{}")).items():
+        setattr(torch._dynamo.config, key, value)
+    if os.environ.get("PROFILE"):
+        benchmark.StepTimer = ProfilingTimer
     if "DDP" in os.environ:
         benchmark.DDP_OPTIONS = json.loads(os.environ["DDP"])
     if os.environ.get("DDP_HOOK") == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
         benchmark.DDP_OPTIONS = {**benchmark.DDP_OPTIONS, "ddp_comm_hook": bf16_compress_hook}
+    if os.environ.get("DDP_HOOK") == "mean":
+        benchmark.DDP_OPTIONS = {**benchmark.DDP_OPTIONS, "ddp_comm_hook": allreduce_mean}
     backend = contextlib.nullcontext()
     if os.environ.get("DIT_SDPA"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -36,6 +92,8 @@ def main():
                                                    "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[os.environ["DIT_SDPA"]]))  # fmt: skip
     with backend:
         benchmark.main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(0)  # the figures are out: skip interpreter teardown, where DDP runs have hung at exit
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 can check: activation checkpointing changes nothing but memory, compile choices are validated."""
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +76,44 @@ def test_unknown_compile_choice_is_refused(tmp_path, digits_dir):
     cfg = quick_cfg(tmp_path, digits_dir, "module.compile=fast", "trainer.max_steps=1", "~callbacks.digits_accuracy")
     with pytest.raises(ValueError, match="module.compile='fast'; use one of .*reduce-overhead"):
         train.main(cfg)
+
+
+def test_benchmark_under_ddp_on_one_device(tmp_path):
+    """--ddp: the step wrapped in DDP with no second device (what DDP costs besides communication)."""
+    out, environ = tmp_path / "bench.json", dict(os.environ)
+    try:
+        main(["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+              "--ddp", "--json", str(out)])  # fmt: skip
+    finally:  # Lightning leaves its process group and its variables behind: later tests start clean
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    r = json.loads(out.read_text())
+    assert r["ddp"] and r["devices"] == 1 and r["train_images_per_sec"] > 0
+
+
+def test_kernel_summary_of_a_trace():
+    """benchmarks/kernel_summary.py on a hand-made trace of one step: a matmul, an all-reduce half
+    hidden behind it, the optimizer, a host sync, then an idle GPU until an inductor kernel."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from kernel_summary import summarize
+
+    def event(name, start, length, cat="kernel"):
+        return dict(ph="X", cat=cat, name=name, ts=start * 1000, dur=length * 1000)
+
+    trace = {"traceEvents": [
+        event("nvjet_sm90_tst_192x192_64x3", 0, 10), event("ncclDevKernel_AllReduce_Sum_f32", 5, 10),
+        event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 15, 5), event("triton_poi_fused_gelu_0", 30, 1),
+        event("aten::_local_scalar_dense", 20, 6, "cpu_op"), event("aten::mul", 26, 1, "cpu_op"),
+        event("cudaStreamSynchronize", 20.5, 5, "cuda_runtime"), event("ProfilerStep", 0, 31, "user_annotation"),
+    ]}  # fmt: skip
+    s = summarize(trace, steps=1)
+    assert s["window_ms"] == pytest.approx(31) and s["busy_ms"] == pytest.approx(21)
+    assert s["compute_busy_ms"] == pytest.approx(16)
+    assert s["kinds_ms"] == pytest.approx({"matmul": 10, "nccl": 10, "optimizer": 5, "inductor fused": 1})
+    assert s["nccl_ms"] == pytest.approx(10) and s["nccl_alongside_compute_ms"] == pytest.approx(5)
+    assert s["host_waits_ms"] == pytest.approx({"aten::_local_scalar_dense": 6, "cudaStreamSynchronize": 5})
+    gap, ops = s["idle_gaps"][0]
+    assert gap == pytest.approx(10) and [name for name, _ in ops] == ["aten::_local_scalar_dense", "cudaStreamSynchronize", "aten::mul"]
+    assert summarize({"traceEvents": [event("aten::mul", 0, 1, "cpu_op")]}) is None  # a CPU run: no kernels

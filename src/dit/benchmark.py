@@ -6,7 +6,7 @@
     python -m dit.benchmark --model DiT-S/8 --image-size 64 --batch-size 4 --steps 3 --sampler --sample-steps 5   # CPU
 
 The training step is the one train.py runs — DiTModule (hybrid loss, AdamW, EMA through Lightning's
-WeightAveraging, the NaN guard) under a Lightning Trainer — fed in-memory latents, so the loader is
+dit.ema.EMA, the NaN guard) under a Lightning Trainer — fed in-memory latents, so the loader is
 not measured here (`benchmarks/loader.py` measures it); the timed steps hold no logging step (one
 in 100 in training, with one device sync). Model FLOPs count 2 per multiply-add; a training step
 costs 3× the forward pass (backward ≈ 2×), as in PaLM's MFU (Chowdhery et al. 2022, App. B) and
@@ -21,11 +21,10 @@ import time
 
 import torch
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DDPStrategy
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dit.diffusion import create_diffusion, guided
+from dit.ema import EMA
 from dit.flops import count_gflops
 from dit.models import DiT, DiT_models
 from dit.module import DiTModule
@@ -125,8 +124,8 @@ def benchmark_training(args, kwargs, accelerator):
     timer = StepTimer(args.warmup)
     trainer = Trainer(
         accelerator=accelerator, devices=args.devices, precision=args.precision, max_steps=total,
-        strategy=DDPStrategy(**DDP_OPTIONS) if args.devices > 1 else "auto",
-        callbacks=[WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=False), timer],
+        strategy=DDPStrategy(**DDP_OPTIONS) if args.devices > 1 or args.ddp else "auto",
+        callbacks=[EMA(), timer],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, log_every_n_steps=100,
     )  # fmt: skip
@@ -176,6 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
     p.add_argument("--devices", type=int, default=1, help="DDP over this many GPUs when > 1")
+    p.add_argument("--ddp", action="store_true",
+                   help="DDP even on one device: what DDP costs the step besides the all-reduce between GPUs")
     p.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
     p.add_argument("--compile", default="auto", type=lambda s: {"on": True, "true": True, "off": False, "false": False}.get(s, s),
                    help="auto (on for CUDA) | on | off | a torch.compile mode, e.g. reduce-overhead")  # fmt: skip
@@ -201,7 +202,7 @@ def main(argv=None):
     with torch.device("meta"):
         fwd = 2 * count_gflops(DiT(**kwargs))  # GFLOP, 2 per multiply-add: twice the paper's Gflops
     result = dict(model=args.model, image_size=args.image_size, precision=args.precision, compile=args.compile,
-                  devices=args.devices, forward_gflop_per_image=fwd, train_gflop_per_image=3 * fwd)  # fmt: skip
+                  devices=args.devices, ddp=args.devices > 1 or args.ddp, forward_gflop_per_image=fwd, train_gflop_per_image=3 * fwd)  # fmt: skip
     rank0 = True
     if not args.no_train:
         if args.batch_size == 0:
@@ -251,7 +252,7 @@ def largest_batch(args, kwargs, accelerator):
 
 
 def report(r):
-    print(f"{r['model']} at {r['image_size']}px on {r['device']} ×{r['devices']}, {r['precision']}, compile={r['compile']}")
+    print(f"{r['model']} at {r['image_size']}px on {r['device']} ×{r['devices']}{' (DDP)' if r['ddp'] else ''}, {r['precision']}, compile={r['compile']}")
     print(f"  matmul rate ({r['matmul_dtype']}), measured: {r['matmul_tflops']:.1f} TFLOP/s")
     print(f"  model FLOPs per image: forward {r['forward_gflop_per_image']:.1f} GFLOP, train step {r['train_gflop_per_image']:.1f} GFLOP")
     if "train_images_per_sec" in r:

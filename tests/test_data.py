@@ -166,7 +166,8 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
     kept = list(loader)
     held = []
     for batch in loader:
-        loader.collate.pool[1].fill_(1)  # every block in use from here on
+        if loader.reuse_blocks:  # x86 (dit.data.REUSE_BLOCKS)
+            loader.collate.pool[1].fill_(1)  # every block in use from here on
         held.append(batch)
     dataset = StreamingDataset(str(digits_dir), shuffle=True, drop_last=True, seed=3)
     theirs = StreamingDataLoader(dataset, batch_size=128, num_workers=2, drop_last=True)
@@ -179,7 +180,7 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
     assert len({b["posterior"].data_ptr() for b in kept}) == len(kept)
     if loader.pin_batches:  # with CUDA every batch is copied into pinned memory, from either kind of block
         assert all(b["posterior"].is_pinned() for b in kept + held)
-    else:
+    elif loader.reuse_blocks:
         assert not any(b["posterior"].is_shared() for b in kept)
         assert {b["posterior"].is_shared() for b in held} == {False, True}  # pooled, then fresh blocks
     assert torch.multiprocessing.get_sharing_strategy() == strategy

@@ -66,19 +66,25 @@ def test_two_ranks_see_disjoint_parts(tmp_path):
 
 
 def test_resumes_mid_epoch(tmp_path):
+    """In the training process and with two workers (the state names the worker to go on with:
+    stopping after an odd or an even batch resumes on either). Writing shards leaves the start
+    method of loader workers as it was (litdata's writers switch it to spawn)."""
+    method = mp.get_start_method(allow_none=True)
     path = numbered_shards(tmp_path / "s")
-    full = [record_ids(b) for b in datamodule(path).train_dataloader()]
-    loader = datamodule(path).train_dataloader()
-    seen = []
-    for k, batch in enumerate(loader):
-        seen.append(record_ids(batch))
-        if k == 2:
-            state = loader.state_dict()
-            break
-    resumed = datamodule(path).train_dataloader()
-    resumed.load_state_dict(state)
-    rest = [record_ids(b) for b in resumed]
-    assert seen + rest == full
+    assert mp.get_start_method(allow_none=True) == method
+    for workers, stop in ((0, 2), (2, 1), (2, 2)):
+        full = [record_ids(b) for b in datamodule(path, num_workers=workers).train_dataloader()]
+        loader = datamodule(path, num_workers=workers).train_dataloader()
+        seen = []
+        for k, batch in enumerate(loader):
+            seen.append(record_ids(batch))
+            if k == stop:
+                state = loader.state_dict()
+                break
+        resumed = datamodule(path, num_workers=workers).train_dataloader()
+        resumed.load_state_dict(state)
+        rest = [record_ids(b) for b in resumed]
+        assert seen + rest == full
 
 
 def test_flip_and_posterior_sampling_statistics():
@@ -145,24 +151,55 @@ def test_collate_stacks_records_and_names_a_bad_one():
 
 
 def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
-    """Two workers, as in training: the same batches, bit for bit, as litdata's default path
-    (per-record copy, torch's collate) for the same seed; the training process keeps its own
-    way of sharing tensors."""
+    """Two workers, as in training, two epochs of 14 batches each through a pool of 2 x 3 blocks:
+    the same batches, bit for bit, as litdata's default path (per-record copy, torch's collate)
+    for the same seed. The first epoch is kept whole (list): every batch is the training
+    process's own copy (not shared memory), none overwritten by a later one. In the second the
+    test holds every block as soon as a batch is in, so workers fall back to fresh shared blocks
+    part-way. The training process keeps its own way of sharing tensors. On a machine with CUDA
+    this also checks that batches arrive pinned (the DataLoader's own pinning is off)."""
     from litdata import StreamingDataLoader, StreamingDataset
 
-    strategy, method = torch.multiprocessing.get_sharing_strategy(), mp.get_start_method()
-    mp.set_start_method("fork", force=True)  # litdata.optimize left "spawn": ~10 s of imports a worker here
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    loader = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128, num_workers=2,
+                        seed=3).train_dataloader()  # fmt: skip
+    kept = list(loader)
+    held = []
+    for batch in loader:
+        if loader.reuse_blocks:  # x86 (dit.data.REUSE_BLOCKS)
+            loader.collate.pool[1].fill_(1)  # every block in use from here on
+        held.append(batch)
+    dataset = StreamingDataset(str(digits_dir), shuffle=True, drop_last=True, seed=3)
+    theirs = StreamingDataLoader(dataset, batch_size=128, num_workers=2, drop_last=True)
+    epochs = list(theirs), list(theirs)
+    for ours, their_epoch in zip((kept, held), epochs):
+        assert len(ours) == len(their_epoch) == 1792 // 128
+        for a, b in zip(ours, their_epoch):
+            assert torch.equal(a["label"], b["label"]) and torch.equal(a["posterior"], b["posterior"])
+    assert epochs[0][0]["label"].tolist() != epochs[1][0]["label"].tolist()  # two epochs, two orders
+    assert len({b["posterior"].data_ptr() for b in kept}) == len(kept)
+    if loader.pin_batches:  # with CUDA every batch is copied into pinned memory, from either kind of block
+        assert all(b["posterior"].is_pinned() for b in kept + held)
+    elif loader.reuse_blocks:
+        assert not any(b["posterior"].is_shared() for b in kept)
+        assert {b["posterior"].is_shared() for b in held} == {False, True}  # pooled, then fresh blocks
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
+
+
+@pytest.mark.slow
+def test_spawned_workers_fill_the_pool(tmp_path):
+    """Workers started by spawn get the pool pickled with the collate function (fork workers
+    inherit it). Slow: each spawned worker imports torch anew (~10 s here); `pytest -m slow`."""
+    path = numbered_shards(tmp_path / "s")
+    method = mp.get_start_method(allow_none=True)
+    mp.set_start_method("spawn", force=True)
     try:
-        dm = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128, num_workers=2, seed=3)
-        ours = list(dm.train_dataloader())
-        dataset = StreamingDataset(str(digits_dir), shuffle=True, drop_last=True, seed=3)
-        theirs = list(StreamingDataLoader(dataset, batch_size=128, num_workers=2, drop_last=True))
+        batches = list(datamodule(path, num_workers=2).train_dataloader())  # 8 batches, 2 x 3 blocks
     finally:
         mp.set_start_method(method, force=True)
-    assert len(ours) == len(theirs) == 1792 // 128
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a["label"], b["label"]) and torch.equal(a["posterior"], b["posterior"])
-    assert torch.multiprocessing.get_sharing_strategy() == strategy
+    assert sorted(i for b in batches for i in record_ids(b)) == list(range(64))
+    assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
+    assert not any(b["posterior"].is_shared() for b in batches)  # every batch came through the pool
 
 
 def test_digits_shards(digits_dir):

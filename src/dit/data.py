@@ -13,12 +13,16 @@ A folder of shards also holds `meta.json` (channels, latent size, classes, count
 is checked against the model before training starts.
 
 Reading keeps up with a GPU at the paper's 32 images per GPU (docs/benchmarks.md): a record is
-decoded as a view of the chunk litdata holds, copied once, straight into a batch that lives in
-shared memory as one block, and loader workers hand that block to the training process by name.
+decoded as a view of the chunk litdata holds and copied once, straight into a batch block of
+shared memory that the loader made before its workers started and reuses all epoch; a worker
+hands the training process only the block's number, and the training process copies the batch
+out and frees the block at once.
 """
 
 import json
 import logging
+import multiprocessing
+import platform
 import struct
 from pathlib import Path
 
@@ -42,15 +46,21 @@ def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
     """
     records = list(records)
     output_dir = Path(output_dir)
-    litdata.optimize(
-        fn=_to_record,
-        inputs=records,
-        output_dir=str(output_dir),
-        chunk_bytes=chunk_bytes,
-        num_workers=num_workers,
-        mode="overwrite",
-        verbose=False,
-    )
+    # litdata switches the whole process to "spawn" for its writers; left so, every loader worker
+    # started later in this process would import torch anew (~10 s each on 2 cores)
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        litdata.optimize(
+            fn=_to_record,
+            inputs=records,
+            output_dir=str(output_dir),
+            chunk_bytes=chunk_bytes,
+            num_workers=num_workers,
+            mode="overwrite",
+            verbose=False,
+        )
+    finally:
+        multiprocessing.set_start_method(start_method, force=True)
     (output_dir / META_FILE).write_text(json.dumps(dict(meta, num_samples=len(records)), indent=2))
 
 
@@ -144,15 +154,14 @@ class LatentDataModule(LightningDataModule):
             raise ValueError(
                 f"{self.path} holds {len(dataset)} samples for this rank, fewer than one batch of {self.batch_size}"
             )
-        workers = self.hparams.num_workers
-        return litdata.StreamingDataLoader(
+        return LatentLoader(
             dataset,
+            CollateRecords(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
             batch_size=self.batch_size,
-            num_workers=workers,
-            drop_last=True,
+            num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
-            collate_fn=CollateRecords(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
+            drop_last=True,
+            persistent_workers=False,  # each epoch makes its pool of batch blocks for the workers it starts
             worker_init_fn=share_batches_by_name,
             # Its own generator: starting an epoch's iterator then draws no number from the global
             # RNG, whose state checkpoints restore (an exact resume starts mid-epoch).
@@ -219,13 +228,21 @@ class PosteriorView(NumpySerializer):
 class CollateRecords:
     """Checks a batch of records and stacks them, in the loader worker. The checks (label range,
     posterior shape) are cheap host-side ones: a bad record names itself here rather than surfacing
-    as a device-side assert later. The batch is one block of memory, posteriors then labels, made
-    shared from the start as torch's default collate does in a worker: each record's bytes are
-    copied once, and the block goes to the training process in one hand-over, not one a tensor."""
+    as a device-side assert later. The batch is one block of memory, posteriors then labels, and
+    each record's bytes are copied once, straight into it.
+
+    In a worker of a `LatentLoader` the block is a free one of the worker's part of `pool` (shared
+    memory, made before the workers started): the batch is returned as {"slot": (worker, block),
+    "size": n} and `LatentLoader` reads it from there. Should every block of the worker's part be
+    in use, a fresh block of shared memory is made instead and the batch returned in it, as in any
+    other worker; outside workers it is a plain block. Either way {"label", "posterior"} views of
+    a block come from `views`."""
 
     def __init__(self, num_classes, channels, latent_size):
         self.num_classes = num_classes
         self.shape = (2, 2, channels, latent_size, latent_size)
+        self.record_bytes = int(np.prod(self.shape)) * 2 + 8  # float16 posterior + int64 label
+        self.pool = None  # (blocks, in_use) of the epoch a LatentLoader started last
 
     def __call__(self, records):
         for record in records:
@@ -237,21 +254,88 @@ class CollateRecords:
             raise ValueError(
                 f"a record has label {labels[outside][0]}, outside [0, {self.num_classes - 1}] for this data config"
             )
-        posterior_bytes = len(records) * int(np.prod(self.shape)) * 2  # float16
-        size = posterior_bytes + labels.nbytes
-        storage = torch.UntypedStorage._new_shared(size) if get_worker_info() else torch.UntypedStorage(size)
-        block = torch.empty(0, dtype=torch.uint8).set_(storage)
-        posterior = block[:posterior_bytes].view(torch.float16).view(len(records), *self.shape)
-        label = block[posterior_bytes:].view(torch.int64)
-        np.stack([record["posterior"] for record in records], out=posterior.numpy())
-        label.numpy()[:] = labels
-        return {"label": label, "posterior": posterior}
+        n, size = len(records), len(records) * self.record_bytes
+        worker, slot = get_worker_info(), None
+        free = np.flatnonzero(self.pool[1][worker.id].numpy() == 0) if worker and self.pool else ()
+        if len(free):
+            slot = (worker.id, int(free[0]))
+            self.pool[1][slot] = 1  # the training process sets it back to 0 once it has copied the batch out
+            block = self.pool[0][slot][:size]
+        elif worker:  # all this worker's blocks in use (never wait: no deadlock), or not a LatentLoader's worker
+            block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+        else:
+            block = torch.empty(size, dtype=torch.uint8)
+        batch = self.views(block, n)
+        np.stack([record["posterior"] for record in records], out=batch["posterior"].numpy())
+        batch["label"].numpy()[:] = labels
+        return batch if slot is None else {"slot": slot, "size": n}
+
+    def views(self, block, n):
+        """The batch of `n` records in a uint8 block: {"label": (n,) int64, "posterior": (n, 2, 2, C, H, W) float16}."""
+        posterior_bytes = n * (self.record_bytes - 8)
+        posterior = block[:posterior_bytes].view(torch.float16).view(n, *self.shape)
+        return {"label": block[posterior_bytes:].view(torch.int64), "posterior": posterior}
+
+
+# Reusing a block relies on the training process's reads of a batch being done before the worker
+# sees the block's in-use flag at 0. The flag is a plain byte written after the copy: x86's
+# ordering (TSO: a store is never seen before an earlier load) makes that enough; weaker orderings
+# (arm64) would need a fence that Python does not offer, so there every batch gets a fresh block.
+REUSE_BLOCKS = platform.machine() in ("x86_64", "AMD64")
+
+
+class LatentLoader(litdata.StreamingDataLoader):
+    """litdata's loader, with its workers filling batch blocks that are made once an epoch and
+    reused, rather than a fresh block of shared memory per batch: at batch 32 the page faults of
+    fresh blocks and their hand-over cost a worker about half its time (docs/benchmarks.md).
+
+    Each epoch makes `prefetch_factor + 1` blocks per worker (the most one worker's batches can
+    hold at once: those in flight plus the one being copied) and an in-use flag per block, in
+    shared memory, before the workers start (fork inherits them, spawn receives them pickled with
+    the collate function). A worker fills a free block and sends its number; the training process
+    copies the batch out (into pinned memory if `pin_memory`, so the DataLoader's own pinning is
+    off) and clears the flag before yielding it, so a caller that keeps batches keeps copies. A
+    new pool per epoch means workers of an earlier, abandoned iterator never share one, and flags
+    left set by a crashed worker die with its epoch. Batches stay one for one with litdata's, so
+    its resume state is untouched. Without workers it is litdata's loader as is."""
+
+    def __init__(self, dataset, collate, *, num_workers, pin_memory, **kwargs):
+        # persistent workers would keep the pool of the epoch that started them
+        self.reuse_blocks = REUSE_BLOCKS and num_workers > 0 and not kwargs.get("persistent_workers")
+        super().__init__(dataset, collate_fn=collate, num_workers=num_workers,
+                         pin_memory=pin_memory and not self.reuse_blocks, **kwargs)  # fmt: skip
+        self.collate = collate
+        self.pin_batches = pin_memory
+
+    def __iter__(self):
+        if not self.reuse_blocks:
+            yield from super().__iter__()
+            return
+        # A generator's body runs at the first next(), the same call in which litdata's loader
+        # starts this epoch's workers: they take this pool, whatever other iterators exist.
+        slots = (self.num_workers, self.prefetch_factor + 1)
+        blocks = torch.empty(*slots, self.batch_size * self.collate.record_bytes, dtype=torch.uint8).share_memory_()
+        in_use = torch.zeros(slots, dtype=torch.uint8).share_memory_()
+        self.collate.pool = blocks, in_use
+        for batch in super().__iter__():
+            if "slot" in batch:
+                block = blocks[batch["slot"]][: batch["size"] * self.collate.record_bytes]
+                own = torch.empty(block.shape, dtype=torch.uint8, pin_memory=self.pin_batches)
+                # numpy copies on this thread; torch's copy_ wakes its thread pool, whose spinning
+                # took the workers' CPU (the training process's CPU a sample tripled)
+                own.numpy()[:] = block.numpy()
+                in_use[batch["slot"]] = 0  # after the copy has read the block: see REUSE_BLOCKS
+                batch = self.collate.views(own, batch["size"])
+            elif self.pin_batches:
+                batch = {key: value.pin_memory() for key, value in batch.items()}
+            yield batch
 
 
 def share_batches_by_name(worker_id):
-    """In each loader worker: hand batches to the training process as named shared-memory files.
-    torch's default passes a file descriptor per batch over a socket, a round trip that waits for
-    the busy worker's GIL; at batch 32 that capped the loader near 8K samples/s on 2 cores
+    """In each loader worker: hand batches in fresh blocks (see `CollateRecords`: none of the pool
+    free, or no pool on this CPU) to the training process as named shared-memory files. torch's
+    default passes a file descriptor per batch over a socket, a round trip that waits for the busy
+    worker's GIL; at batch 32 that capped the loader near 8K samples/s on 2 cores
     (docs/benchmarks.md). Only the workers change strategy; the process that trains keeps its own.
     Lightning's worker seeding (seed_everything(workers=True)) steps aside for this function, and
     has nothing to seed here: the workers draw no random numbers (litdata shuffles with `seed`)."""

@@ -16,11 +16,12 @@ from collections import Counter, defaultdict
 # Checked in order: the first kind whose any substring is in the kernel's (lower-cased) name wins.
 KINDS = (
     ("nccl", ("nccl",)),
-    ("attention", ("flash", "fmha", "attention", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "triton_tem", "sm90_")),
+    ("matmul", ("triton_tem",)),  # inductor's matmul templates, before its other kernels
+    ("inductor fused", ("triton_",)),  # before attention: some are named after the op they feed
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_")),
     ("optimizer", ("adam",)),
     ("ema (lerp)", ("lerp",)),
-    ("inductor fused", ("triton_",)),
     ("copies", ("memcpy", "memset", "copy")),
     ("other", ("",)),
 )

@@ -10,8 +10,8 @@ environment variables; how the variant rows of docs/benchmarks.md were measured.
     PROFILE=/tmp/prof python benchmarks/variants.py ...   # + a kernel profile of two warm-up steps
 
 DDP replaces dit.benchmark.DDP_OPTIONS (the settings of conf/trainer/ddp.yaml) by its own keywords.
-PROFILE profiles the last warm-up steps but two (compiled and CUDA-graphed by then; the timed
-window is not profiled), writes rank 0's Chrome trace there and prints where the GPU time went
+PROFILE profiles warm-up steps warmup-3 and warmup-2 (compiled and CUDA-graphed by then; the
+timed window is not profiled; --warmup 3 at least), writes rank 0's Chrome trace there and prints where the GPU time went
 (`benchmarks/kernel_summary.py`).
 """
 
@@ -75,6 +75,8 @@ def main():
     for key, value in json.loads(os.environ.get("DYNAMO", "{}")).items():
         setattr(torch._dynamo.config, key, value)
     if os.environ.get("PROFILE"):
+        if benchmark.parse_args(sys.argv[1:]).warmup < 1 + PROFILED_STEPS:
+            raise SystemExit(f"PROFILE profiles warm-up steps: give --warmup {1 + PROFILED_STEPS} or more")
         benchmark.StepTimer = ProfilingTimer
     if "DDP" in os.environ:
         benchmark.DDP_OPTIONS = json.loads(os.environ["DDP"])
@@ -93,6 +95,7 @@ def main():
     with backend:
         benchmark.main(sys.argv[1:])
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # the figures are out: skip interpreter teardown, where DDP runs have hung at exit
 
 

@@ -84,6 +84,7 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
     try:
         main(["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "2", "--steps", "1", "--warmup", "1",
               "--ddp", "--json", str(out)])  # fmt: skip
+        assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1  # DDP ran
     finally:  # Lightning leaves its process group and its variables behind: later tests start clean
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -93,10 +94,10 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
     assert r["ddp"] and r["devices"] == 1 and r["train_images_per_sec"] > 0
 
 
-def test_kernel_summary_of_a_trace():
+def test_kernel_summary_of_a_trace(monkeypatch):
     """benchmarks/kernel_summary.py on a hand-made trace of one step: a matmul, an all-reduce half
     hidden behind it, the optimizer, a host sync, then an idle GPU until an inductor kernel."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from kernel_summary import summarize
 
     def event(name, start, length, cat="kernel"):
@@ -105,6 +106,7 @@ def test_kernel_summary_of_a_trace():
     trace = {"traceEvents": [
         event("nvjet_sm90_tst_192x192_64x3", 0, 10), event("ncclDevKernel_AllReduce_Sum_f32", 5, 10),
         event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 15, 5), event("triton_poi_fused_gelu_0", 30, 1),
+        event("triton_poi_fused__scaled_dot_product_cudnn_attention_3", 31, 0, "kernel"),
         event("aten::_local_scalar_dense", 20, 6, "cpu_op"), event("aten::mul", 26, 1, "cpu_op"),
         event("cudaStreamSynchronize", 20.5, 5, "cuda_runtime"), event("ProfilerStep", 0, 31, "user_annotation"),
     ]}  # fmt: skip

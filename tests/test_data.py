@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dit.data import CollateRecords, LatentDataModule, PosteriorView, sample_latents, write_shards
+from dit.data import REUSE_BLOCKS, CollateRecords, LatentDataModule, PosteriorView, sample_latents, write_shards
 
 
 def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
@@ -187,6 +187,7 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not REUSE_BLOCKS, reason="blocks are reused on x86 only (dit.data.REUSE_BLOCKS)")
 def test_spawned_workers_fill_the_pool(tmp_path):
     """Workers started by spawn get the pool pickled with the collate function (fork workers
     inherit it). Slow: each spawned worker imports torch anew (~10 s here); `pytest -m slow`."""

@@ -25,6 +25,7 @@ def test_same_average_as_torch(use_buffers):
         model(torch.randn(8, 4))  # moves BatchNorm's running statistics (buffers)
         theirs.update_parameters(model)
         ours.update_parameters(model)
+    assert theirs.state_dict().keys() == ours.state_dict().keys()
     for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), name
     assert ours.n_averaged.item() == 4

@@ -289,8 +289,9 @@ class LatentLoader(litdata.StreamingDataLoader):
     reused, rather than a fresh block of shared memory per batch: at batch 32 the page faults of
     fresh blocks and their hand-over cost a worker about half its time (docs/benchmarks.md).
 
-    Each epoch makes `prefetch_factor + 1` blocks per worker (the most one worker's batches can
-    hold at once: those in flight plus the one being copied) and an in-use flag per block, in
+    Each epoch makes `prefetch_factor + 1` blocks per worker (what one worker's batches usually
+    hold at once: those in flight plus the one being copied; a worker that gets more prefetch
+    work, once another has finished its share, falls back to fresh blocks) and an in-use flag per block, in
     shared memory, before the workers start (fork inherits them, spawn receives them pickled with
     the collate function). A worker fills a free block and sends its number; the training process
     copies the batch out (into pinned memory if `pin_memory`, so the DataLoader's own pinning is

@@ -5,7 +5,9 @@ torch's `AveragedModel.update_parameters` keeps its count of updates in a device
 it on the host twice an update (`bool(n_averaged == 0)`, `n_averaged > 0`). Each test waits until
 the GPU has finished the step, and the GPU then idles while the host launches the next one: for
 DiT-XL/2 at batch 32 on an H200 the two reads cost 5 ms of a 69 ms step (docs/benchmarks.md).
-Here the count lives on the host; the update is the same foreach arithmetic, bit for bit.
+Here the count lives on the host; the update is the same foreach arithmetic, bit for bit. (Moving
+torch's count to the host is not enough on a GPU: its update copies the count to the device every
+time, a blocking copy.)
 """
 
 import itertools
@@ -35,7 +37,7 @@ class HostCountAveragedModel(AveragedModel):
 
     def __init__(self, model, multi_avg_fn, device=None, use_buffers=False):
         super().__init__(model, device=device, multi_avg_fn=multi_avg_fn, use_buffers=use_buffers)
-        self.n_averaged = torch.tensor(0, dtype=torch.long)  # on the host; still a buffer, so checkpoints keep it
+        self.n_averaged = torch.tensor(0, dtype=torch.long, device="cpu")  # still a buffer: checkpoints keep it
 
     def update_parameters(self, model):
         def tensors(m):
@@ -59,8 +61,10 @@ class HostCountAveragedModel(AveragedModel):
 
 
 class EMA(WeightAveraging):
-    """Lightning's WeightAveraging (same arguments, same checkpoint contents) averaging through
-    `HostCountAveragedModel`. The default is the paper's EMA: decay 0.9999 after every step."""
+    """Lightning's WeightAveraging (its `device`, `use_buffers` and `multi_avg_fn`; the same
+    checkpoint contents) averaging through `HostCountAveragedModel`. The defaults are the paper's
+    EMA: decay 0.9999 after every step, parameters only (DiT has no buffers to average). Unlike
+    Lightning's, it does not build layers of a `configure_model` hook (DiTModule has none)."""
 
     def __init__(self, device=None, use_buffers=False, multi_avg_fn=None):
         super().__init__(device=device, use_buffers=use_buffers, multi_avg_fn=multi_avg_fn or EMAUpdate(0.9999))

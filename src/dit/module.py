@@ -1,6 +1,6 @@
 """The LightningModule: DiT backbone + the paper's diffusion loss, AdamW, and sample grids.
 
-The EMA of the weights (decay 0.9999 in the paper) is kept by Lightning's `WeightAveraging`
+The EMA of the weights (decay 0.9999 in the paper) is kept by `dit.ema.EMA` (Lightning's `WeightAveraging`)
 callback (conf/callbacks/default.yaml): it swaps the EMA weights in for validation — where the
 sample grids are drawn, so grids show the EMA model — and saves them as the checkpoint's
 `state_dict` (the live weights go to `current_model_state`).

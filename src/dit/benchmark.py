@@ -64,6 +64,12 @@ def _now(device):
     return time.perf_counter()
 
 
+def forward_gflop(kwargs):
+    """GFLOP of one image's forward pass of DiT(**kwargs), 2 per multiply-add: twice the paper's Gflops."""
+    with torch.device("meta"):
+        return 2 * count_gflops(DiT(**kwargs))
+
+
 def model_kwargs(name, image_size, activation_checkpointing=False):
     """DiT keyword arguments of a paper config (ImageNet: 4-channel latents, 1000 classes)."""
     with torch.device("meta"):
@@ -199,8 +205,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs as the official code
     kwargs = model_kwargs(args.model, args.image_size, args.activation_checkpointing)
-    with torch.device("meta"):
-        fwd = 2 * count_gflops(DiT(**kwargs))  # GFLOP, 2 per multiply-add: twice the paper's Gflops
+    fwd = forward_gflop(kwargs)
     result = dict(model=args.model, image_size=args.image_size, precision=args.precision, compile=args.compile,
                   devices=args.devices, ddp=args.devices > 1 or args.ddp, forward_gflop_per_image=fwd, train_gflop_per_image=3 * fwd)  # fmt: skip
     rank0 = True

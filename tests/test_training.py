@@ -68,6 +68,29 @@ def test_trainer_presets_compose(preset, tmp_path):
         assert trainer.max_steps == 400_000
 
 
+def test_module_buffers_are_constants_so_ddp_need_not_broadcast_them(tmp_path):
+    """trainer=ddp sets broadcast_buffers: false. That holds only while every buffer of DiTModule is
+    a constant of its config: the same whatever the seed, and left as it was by a training step."""
+    cfg = compose_cfg(["model=tiny", "data=digits"], tmp_path)
+    modules = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        modules.append(instantiate(cfg.module, _convert_="all"))
+    first, second = (dict(m.named_buffers()) for m in modules)
+    assert "model.t_embedder.freqs" in first and first.keys() == second.keys()
+    assert not torch.equal(modules[0].model.x_embedder.proj.weight, modules[1].model.x_embedder.proj.weight)
+    before = {name: b.clone() for name, b in first.items()}
+    module = modules[0]
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    size, channels = cfg.model.input_size, cfg.model.in_channels
+    x, y = torch.randn(4, channels, size, size), torch.randint(0, cfg.model.num_classes, (4,))
+    module._losses(x, torch.randint(0, 1000, (4,)), y)["loss"].mean().backward()
+    opt.step()
+    for name, buffer in first.items():
+        assert torch.equal(buffer, second[name]), f"{name} depends on the seed"
+        assert torch.equal(buffer, before[name]), f"{name} changed in a training step"
+
+
 def test_paper_recipe_is_in_the_config(tmp_path):
     cfg = compose_cfg(["experiment=dit_xl2_256"], tmp_path)
     assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.patch_size) == (28, 1152, 16, 2)

@@ -32,7 +32,7 @@ from dit.module import DiTModule
 
 # The DDP settings of conf/trainer/ddp.yaml (a test checks they agree), so --devices measures what
 # train.py trainer=ddp runs.
-DDP_OPTIONS = dict(gradient_as_bucket_view=True, bucket_cap_mb=100)
+DDP_OPTIONS = dict(gradient_as_bucket_view=True, bucket_cap_mb=100, broadcast_buffers=False)
 
 
 def matmul_tflops(device, dtype, size=None, windows=None):

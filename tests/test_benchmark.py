@@ -4,6 +4,7 @@ can check: activation checkpointing changes nothing but memory, compile choices 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,58 @@ def test_kernel_summary_of_a_trace(monkeypatch):
     gap, ops = s["idle_gaps"][0]
     assert gap == pytest.approx(10) and [name for name, _ in ops] == ["aten::_local_scalar_dense", "cudaStreamSynchronize", "aten::mul"]
     assert summarize({"traceEvents": [event("aten::mul", 0, 1, "cpu_op")]}) is None  # a CPU run: no kernels
+
+
+FAKE_RUNNER = """
+import json, os, subprocess, sys, time
+args = sys.argv[1:]
+devices, out = int(args[args.index("--devices") + 1]), args[args.index("--json") + 1]
+assert args[:2] == ["--batch-size", "32"], args  # what came after `--`
+if devices == 4:  # hangs, with a child of its own, as a DDP launch with ranks would
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    open(os.environ["CHILD_PID_FILE"], "w").write(str(child.pid))
+    time.sleep(60)
+rate = {1: 100.0, 2: 180.0, 3: 240.0}[devices]
+json.dump({"train_images_per_sec": rate}, open(out, "w"))
+"""
+
+
+def test_scaling_command_runs_each_count_and_kills_a_hung_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/scaling.py: one run per device count, the one-device run first, each rate against
+    N × the one-device rate; a run past --timeout is killed with its children and left out."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from scaling import main as scaling
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(FAKE_RUNNER)
+    monkeypatch.setenv("CHILD_PID_FILE", str(tmp_path / "child.pid"))
+    results = scaling(["--devices", "2", "4", "3", "--timeout", "5", "--runner", str(runner), "--", "--batch-size", "32"])
+    assert {d: r and r["train_images_per_sec"] for d, r in results.items()} == {1: 100.0, 2: 180.0, 4: None, 3: 240.0}
+    out = capsys.readouterr().out
+    assert "devices=4: killed after 5.0 s" in out
+    assert "2 |    180.0 |       90.0 | 90.0%" in out and "3 |    240.0 |       80.0 | 80.0%" in out
+    child = int((tmp_path / "child.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the hung run's child went with it
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
+
+
+def test_scaling_command_refuses_devices_after_the_separator(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from scaling import main as scaling
+
+    with pytest.raises(SystemExit, match="give --devices before"):
+        scaling(["--devices", "2", "--", "--devices", "2"])
+
+
+@pytest.mark.slow
+def test_scaling_command_with_the_real_benchmark_on_cpu(monkeypatch, capsys):
+    """The same through `python -m dit.benchmark`: DDP over 2 CPU processes (gloo); ~1 minute."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from scaling import main as scaling
+
+    results = scaling(["--devices", "2", "--timeout", "400", "--", "--model", "DiT-S/8", "--image-size", "64",
+                       "--batch-size", "2", "--steps", "2", "--warmup", "1"])  # fmt: skip
+    assert results[1]["devices"] == 1 and results[2]["devices"] == 2 and results[2]["ddp"]
+    assert "of linear" in capsys.readouterr().out

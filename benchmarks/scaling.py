@@ -1,0 +1,87 @@
+"""DDP's linear scaling in one command: `python -m dit.benchmark` on one device, then on each count
+of --devices, one after the other on this machine, and each rate against N × the one-device rate.
+
+    python benchmarks/scaling.py --devices 2 4 -- --model DiT-XL/2 --batch-size 32 --steps 30 --warmup 8
+    DDP='{"bucket_cap_mb": 250}' python benchmarks/scaling.py --runner benchmarks/variants.py --devices 2 -- ...
+
+Everything after `--` goes to the benchmark unchanged (per-device batch, steps ...); environment
+variables reach it too, so benchmarks/variants.py's variants apply to every run. Each run is its
+own process, killed with its children after --timeout seconds: Lightning ignores SIGTERM, and a
+DDP run that hangs at exit would otherwise stop the rest. A killed run is reported and skipped.
+Give a first run on a fresh machine minutes: torch.compile fills its cache there (DiT-XL/2 under
+DDP on 4 GPUs took more than 200 s on an H100 host).
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(runner, bench_args, devices, timeout, out_dir):
+    """One benchmark run on `devices` devices; its result dict, or None if it failed or timed out."""
+    out = Path(out_dir) / f"devices{devices}.json"
+    command = [sys.executable, *(["-m", "dit.benchmark"] if runner is None else [runner])]
+    command += [*bench_args, "--devices", str(devices), "--json", str(out)]
+    print("$", " ".join(command), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: the kill reaches DDP's ranks
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended in between
+            pass
+        proc.wait()
+        print(f"  devices={devices}: killed after {timeout} s", flush=True)
+        return None
+    if not out.exists():
+        print(f"  devices={devices}: exit status {rc}, no figures", flush=True)
+        return None
+    return json.loads(out.read_text())
+
+
+def table(results):
+    """Rows (devices, images/s, per device, fraction of linear or None) against the one-device run."""
+    base = results.get(1)
+    rows = []
+    for devices, r in sorted(results.items()):
+        if r is None:
+            continue
+        rate = r["train_images_per_sec"]
+        linear = rate / (devices * base["train_images_per_sec"]) if base and devices > 1 else None
+        rows.append((devices, rate, rate / devices, linear))
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, bench_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=int, nargs="+", required=True, help="device counts to run after the one-device run")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is killed")
+    p.add_argument("--runner", help="a script to run instead of `python -m dit.benchmark`, e.g. benchmarks/variants.py")
+    args = p.parse_args(ours)
+    if "--devices" in bench_args or "--json" in bench_args:
+        raise SystemExit("give --devices before `--` (to this script) and no --json after it: each run writes its own")
+    results = {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        for devices in dict.fromkeys([1, *args.devices]):  # the one-device run first, no count twice
+            results[devices] = run(args.runner, bench_args, devices, args.timeout, out_dir)
+    print("\ndevices | images/s | per device | of linear")
+    for devices, rate, per_device, linear in table(results):
+        print(f"{devices:7d} | {rate:8.1f} | {per_device:10.1f} | {'—' if linear is None else f'{100 * linear:.1f}%'}")
+    if results.get(1) is None:
+        print("(no one-device figure: no ratio)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

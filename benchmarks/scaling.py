@@ -2,14 +2,16 @@
 of --devices, one after the other on this machine, and each rate against N × the one-device rate.
 
     python benchmarks/scaling.py --devices 2 4 -- --model DiT-XL/2 --batch-size 32 --steps 30 --warmup 8
-    DDP='{"bucket_cap_mb": 250}' python benchmarks/scaling.py --runner benchmarks/variants.py --devices 2 -- ...
+    NCCL_CTA_POLICY=1 python benchmarks/scaling.py --devices 2 -- ...    # any NCCL or torch variable
+    DDP_HOOK=bf16 python benchmarks/scaling.py --runner benchmarks/variants.py --devices 2 -- ...
 
 Everything after `--` goes to the benchmark unchanged (per-device batch, steps ...); environment
 variables reach it too, so benchmarks/variants.py's variants apply to every run. Each run is its
 own process, killed with its children after --timeout seconds: Lightning ignores SIGTERM, and a
-DDP run that hangs at exit would otherwise stop the rest. A killed run is reported and skipped.
-Give a first run on a fresh machine minutes: torch.compile fills its cache there (DiT-XL/2 under
-DDP on 4 GPUs took more than 200 s on an H100 host).
+DDP run that hangs at exit would otherwise stop the rest; what is left of a run when it exits is
+killed too. A killed run is reported and skipped. Give the first runs on a fresh machine minutes:
+torch.compile fills its cache there (DiT-XL/2 under DDP on 4 H100s had not reached a timed step
+after 200 s).
 """
 
 import argparse
@@ -32,14 +34,19 @@ def run(runner, bench_args, devices, timeout, out_dir):
     print("$", " ".join(command), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: the kill reaches DDP's ranks
+    killed = False
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        killed = True
+    finally:  # also on Ctrl-C (the run's own group does not get it), and after a normal exit,
+        # where a rank or compile worker left hanging would hold the GPUs of the next run
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it ended in between
+        except ProcessLookupError:  # the whole group has ended
             pass
         proc.wait()
+    if killed:
         print(f"  devices={devices}: killed after {timeout} s", flush=True)
         return None
     if not out.exists():
@@ -69,7 +76,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is killed")
     p.add_argument("--runner", help="a script to run instead of `python -m dit.benchmark`, e.g. benchmarks/variants.py")
     args = p.parse_args(ours)
-    if "--devices" in bench_args or "--json" in bench_args:
+    if any(arg.split("=")[0] in ("--devices", "--json") for arg in bench_args):
         raise SystemExit("give --devices before `--` (to this script) and no --json after it: each run writes its own")
     results = {}
     with tempfile.TemporaryDirectory() as out_dir:

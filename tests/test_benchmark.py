@@ -95,10 +95,15 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
     assert r["ddp"] and r["devices"] == 1 and r["train_images_per_sec"] > 0
 
 
-def test_kernel_summary_of_a_trace(monkeypatch):
+@pytest.fixture
+def benchmark_scripts(monkeypatch):
+    """The scripts of benchmarks/ importable by name (they are not part of the package)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+
+
+def test_kernel_summary_of_a_trace(benchmark_scripts):
     """benchmarks/kernel_summary.py on a hand-made trace of one step: a matmul, an all-reduce half
     hidden behind it, the optimizer, a host sync, then an idle GPU until an inductor kernel."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from kernel_summary import summarize
 
     def event(name, start, length, cat="kernel"):
@@ -136,10 +141,9 @@ json.dump({"train_images_per_sec": rate}, open(out, "w"))
 """
 
 
-def test_scaling_command_runs_each_count_and_kills_a_hung_run(tmp_path, monkeypatch, capsys):
+def test_scaling_command_runs_each_count_and_kills_a_hung_run(benchmark_scripts, tmp_path, monkeypatch, capsys):
     """benchmarks/scaling.py: one run per device count, the one-device run first, each rate against
     N × the one-device rate; a run past --timeout is killed with its children and left out."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from scaling import main as scaling
 
     runner = tmp_path / "runner.py"
@@ -160,8 +164,7 @@ def test_scaling_command_runs_each_count_and_kills_a_hung_run(tmp_path, monkeypa
         pytest.fail(f"the hung run's child {child} is still running")
 
 
-def test_scaling_command_refuses_devices_after_the_separator(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+def test_scaling_command_refuses_devices_after_the_separator(benchmark_scripts):
     from scaling import main as scaling
 
     with pytest.raises(SystemExit, match="give --devices before"):
@@ -169,9 +172,8 @@ def test_scaling_command_refuses_devices_after_the_separator(monkeypatch):
 
 
 @pytest.mark.slow
-def test_scaling_command_with_the_real_benchmark_on_cpu(monkeypatch, capsys):
+def test_scaling_command_with_the_real_benchmark_on_cpu(benchmark_scripts, capsys):
     """The same through `python -m dit.benchmark`: DDP over 2 CPU processes (gloo); ~1 minute."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from scaling import main as scaling
 
     results = scaling(["--devices", "2", "--timeout", "400", "--", "--model", "DiT-S/8", "--image-size", "64",

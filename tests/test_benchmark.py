@@ -150,10 +150,10 @@ def test_scaling_command_runs_each_count_and_kills_a_hung_run(benchmark_scripts,
     runner.write_text(FAKE_RUNNER)
     monkeypatch.setenv("CHILD_PID_FILE", str(tmp_path / "child.pid"))
     results = scaling(["--devices", "2", "4", "3", "--timeout", "5", "--runner", str(runner), "--", "--batch-size", "32"])
-    assert [(d, r and r["train_images_per_sec"]) for d, r in results.items()] == [(1, 100.0), (2, 180.0), (4, None), (3, 240.0)]
+    assert [(d, r and r["train_images_per_sec"]) for (d, _), r in results.items()] == [(1, 100.0), (2, 180.0), (4, None), (3, 240.0)]
     out = capsys.readouterr().out
     assert "devices=4: killed after 5.0 s" in out
-    assert "2 |    180.0 |       90.0 | 90.0%" in out and "3 |    240.0 |       80.0 | 80.0%" in out
+    assert "2 |            — |    180.0 |       90.0 | 90.0%" in out and "3 |            — |    240.0 |       80.0 | 80.0%" in out
     child = int((tmp_path / "child.pid").read_text())
     for _ in range(50):  # the hung run's child went with it (gone, or a zombie where nothing reaps orphans)
         stat = Path(f"/proc/{child}/stat")
@@ -164,19 +164,52 @@ def test_scaling_command_runs_each_count_and_kills_a_hung_run(benchmark_scripts,
         pytest.fail(f"the hung run's child {child} is still running")
 
 
-def test_scaling_command_refuses_devices_after_the_separator(benchmark_scripts):
+GLOBAL_BATCH_RUNNER = """
+import json, os, sys
+args = sys.argv[1:]
+devices, batch = int(args[args.index("--devices") + 1]), int(args[args.index("--batch-size") + 1])
+open(os.environ["RUNS_FILE"], "a").write(f"{devices} {batch}\\n")
+rate = 2.0 * batch * (1 if devices == 1 else 0.9 * devices if batch == 128 else 0.85 * devices)
+json.dump({"train_images_per_sec": rate, "batch_size": batch}, open(args[args.index("--json") + 1], "w"))
+"""
+
+
+def test_scaling_command_at_a_global_batch(benchmark_scripts, tmp_path, monkeypatch, capsys):
+    """--global-batch-size 256 over 2 and 4 devices: 128 and 64 a device, each count divided by a
+    one-device run at its own batch, which runs first."""
     from scaling import main as scaling
 
-    with pytest.raises(SystemExit, match="give --devices before"):
-        scaling(["--devices", "2", "--", "--devices", "2"])
+    runner = tmp_path / "runner.py"
+    runner.write_text(GLOBAL_BATCH_RUNNER)
+    monkeypatch.setenv("RUNS_FILE", str(tmp_path / "runs"))
+    results = scaling(["--global-batch-size", "256", "--devices", "2", "4", "--runner", str(runner), "--", "--steps", "3"])
+    assert (tmp_path / "runs").read_text().split("\n")[:-1] == ["1 128", "2 128", "1 64", "4 64"]
+    assert list(results) == [(1, 128), (2, 128), (1, 64), (4, 64)]
+    out = capsys.readouterr().out
+    assert "2 |          128 |    460.8 |      230.4 | 90.0%" in out and "4 |           64 |    435.2 |      108.8 | 85.0%" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "2", "--", "--devices", "2"], "give --devices before"),
+    (["--global-batch-size", "256", "--devices", "2", "--", "--batch-size", "32"], "not both"),
+    (["--global-batch-size", "256", "--devices", "3"], "a positive multiple of each count"),
+    (["--global-batch-size", "0", "--devices", "2"], "a positive multiple of each count"),
+])  # fmt: skip
+def test_scaling_command_refuses_conflicting_batches_and_devices(benchmark_scripts, argv, message):
+    from scaling import main as scaling
+
+    with pytest.raises(SystemExit, match=message):
+        scaling(argv)
 
 
 @pytest.mark.slow
 def test_scaling_command_with_the_real_benchmark_on_cpu(benchmark_scripts, capsys):
-    """The same through `python -m dit.benchmark`: DDP over 2 CPU processes (gloo); ~1 minute."""
+    """The same through `python -m dit.benchmark`, at a global batch of 4: 2 a device, DDP over 2
+    CPU processes (gloo); ~1 minute."""
     from scaling import main as scaling
 
-    results = scaling(["--devices", "2", "--timeout", "400", "--", "--model", "DiT-S/8", "--image-size", "64",
-                       "--batch-size", "2", "--steps", "2", "--warmup", "1"])  # fmt: skip
-    assert results[1]["devices"] == 1 and results[2]["devices"] == 2 and results[2]["ddp"]
+    results = scaling(["--global-batch-size", "4", "--devices", "2", "--timeout", "400", "--",
+                       "--model", "DiT-S/8", "--image-size", "64", "--steps", "2", "--warmup", "1"])  # fmt: skip
+    one, two = results[1, 2], results[2, 2]
+    assert (one["devices"], one["batch_size"], two["devices"], two["batch_size"], two["ddp"]) == (1, 2, 2, 2, True)
     assert "of linear" in capsys.readouterr().out

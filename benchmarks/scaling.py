@@ -1,16 +1,18 @@
 """DDP's linear scaling in one command: `python -m dit.benchmark` on one device, then on each count
-of --devices, one after the other on this machine, and each rate against N × the one-device rate.
+of --devices, one after the other on this machine, and each rate against N × the one-device rate
+(at the same per-device batch).
 
     python benchmarks/scaling.py --devices 2 4 -- --model DiT-XL/2 --batch-size 32 --steps 30 --warmup 8
     python benchmarks/scaling.py --global-batch-size 256 --devices 2 4 -- --model DiT-XL/2 --steps 30 --warmup 8
     NCCL_CTA_POLICY=1 python benchmarks/scaling.py --devices 2 -- ...    # any NCCL or torch variable
     DDP_HOOK=bf16 python benchmarks/scaling.py --runner benchmarks/variants.py --devices 2 -- ...
 
-Everything after `--` goes to the benchmark unchanged (per-device batch, steps ...); environment
+Everything after `--` goes to the benchmark unchanged (model, per-device batch, steps ...); environment
 variables reach it too, so benchmarks/variants.py's variants apply to every run.
 --global-batch-size keeps the batch summed over devices fixed instead, as a training run of the
 paper's recipe (256) does on any machine: N devices run at 256/N each, against one device at
-256/N (linear scaling at that per-device batch), so each per-device batch has its own one-device run.
+256/N (linear scaling at that per-device batch), so each per-device batch has its own one-device
+run, just before the first count that needs it; give no --batch-size after `--` then.
 
 Each run is its own process, killed with its children after --timeout seconds: Lightning ignores
 SIGTERM, and a DDP run that hangs at exit would otherwise stop the rest; what is left of a run when
@@ -37,8 +39,8 @@ def plan(devices, global_batch_size=None):
     runs = []
     for n in devices:
         batch = None if global_batch_size is None else global_batch_size // n
-        runs += [r for r in ((1, batch), (n, batch)) if r not in runs]
-    return runs
+        runs += [(1, batch), (n, batch)]
+    return list(dict.fromkeys(runs))
 
 
 def run(runner, bench_args, devices, batch, timeout, out_dir):
@@ -75,9 +77,9 @@ def run(runner, bench_args, devices, batch, timeout, out_dir):
 
 def table(results):
     """Rows (devices, per-device batch, images/s, per device, fraction of linear or None), each
-    against the one-device run at its batch."""
+    against the one-device run at its batch; by batch (largest first), then devices."""
     rows = []
-    for (devices, batch), r in results.items():
+    for (devices, batch), r in sorted(results.items(), key=lambda item: (-(item[0][1] or 0), item[0][0])):
         if r is None:
             continue
         base = results.get((1, batch))
@@ -87,23 +89,37 @@ def table(results):
     return rows
 
 
+def given(option, args):
+    """Whether `args` name `option`, also as `--option=value` or as a prefix argparse would expand."""
+    names = [arg.split("=")[0] for arg in args if arg.startswith("--")]
+    return any(len(name) > 2 and option.startswith(name) for name in names)
+
+
+def positive(text):
+    """argparse's type for counts: an int of 1 or more."""
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return int(text)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, bench_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=int, nargs="+", required=True, help="device counts to run after the one-device run")
-    p.add_argument("--global-batch-size", type=int,
+    p.add_argument("--devices", type=positive, nargs="+", required=True,
+                   help="device counts, each run after the one-device run it is divided by")  # fmt: skip
+    p.add_argument("--global-batch-size", type=positive,
                    help="the batch summed over devices (the paper's: 256); each count N runs at this / N a device")  # fmt: skip
     p.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is killed")
     p.add_argument("--runner", help="a script to run instead of `python -m dit.benchmark`, e.g. benchmarks/variants.py")
     args = p.parse_args(ours)
-    if any(arg.split("=")[0] in ("--devices", "--json") for arg in bench_args):
+    if given("--devices", bench_args) or given("--json", bench_args):
         raise SystemExit("give --devices before `--` (to this script) and no --json after it: each run writes its own")
     if args.global_batch_size is not None:
-        if any(arg.split("=")[0] == "--batch-size" for arg in bench_args):
+        if given("--batch-size", bench_args):
             raise SystemExit("give --global-batch-size or a --batch-size after `--`, not both: it sets each run's batch")
-        if args.global_batch_size < 1 or any(args.global_batch_size % n for n in args.devices):
-            raise SystemExit(f"--global-batch-size {args.global_batch_size}: give a positive multiple of each count of --devices")
+        if any(args.global_batch_size % n for n in args.devices):
+            raise SystemExit(f"--global-batch-size {args.global_batch_size}: give a multiple of each count of --devices")
     results = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for devices, batch in plan(args.devices, args.global_batch_size):

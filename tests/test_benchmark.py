@@ -153,7 +153,9 @@ def test_scaling_command_runs_each_count_and_kills_a_hung_run(benchmark_scripts,
     assert [(d, r and r["train_images_per_sec"]) for (d, _), r in results.items()] == [(1, 100.0), (2, 180.0), (4, None), (3, 240.0)]
     out = capsys.readouterr().out
     assert "devices=4: killed after 5.0 s" in out
-    assert "2 |            — |    180.0 |       90.0 | 90.0%" in out and "3 |            — |    240.0 |       80.0 | 80.0%" in out
+    rows = out[out.index("devices | batch/device") :].splitlines()[1:]
+    assert rows == ["      1 |            — |    100.0 |      100.0 | —", "      2 |            — |    180.0 |       90.0 | 90.0%",
+                    "      3 |            — |    240.0 |       80.0 | 80.0%"]  # fmt: skip
     child = int((tmp_path / "child.pid").read_text())
     for _ in range(50):  # the hung run's child went with it (gone, or a zombie where nothing reaps orphans)
         stat = Path(f"/proc/{child}/stat")
@@ -186,20 +188,41 @@ def test_scaling_command_at_a_global_batch(benchmark_scripts, tmp_path, monkeypa
     assert (tmp_path / "runs").read_text().split("\n")[:-1] == ["1 128", "2 128", "1 64", "4 64"]
     assert list(results) == [(1, 128), (2, 128), (1, 64), (4, 64)]
     out = capsys.readouterr().out
-    assert "2 |          128 |    460.8 |      230.4 | 90.0%" in out and "4 |           64 |    435.2 |      108.8 | 85.0%" in out
+    rows = out[out.index("devices | batch/device") :].splitlines()[1:]
+    assert rows == ["      1 |          128 |    256.0 |      256.0 | —", "      2 |          128 |    460.8 |      230.4 | 90.0%",
+                    "      1 |           64 |    128.0 |      128.0 | —", "      4 |           64 |    435.2 |      108.8 | 85.0%"]  # fmt: skip
+
+
+def test_scaling_plan_runs_each_one_device_baseline_once_before_its_counts(benchmark_scripts):
+    from scaling import plan
+
+    assert plan([4, 2, 3]) == [(1, None), (4, None), (2, None), (3, None)]
+    assert plan([1, 2, 2]) == [(1, None), (2, None)]
+    assert plan([4, 2, 1], 256) == [(1, 64), (4, 64), (1, 128), (2, 128), (1, 256)]
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--devices", "2", "--", "--devices", "2"], "give --devices before"),
     (["--global-batch-size", "256", "--devices", "2", "--", "--batch-size", "32"], "not both"),
-    (["--global-batch-size", "256", "--devices", "3"], "a positive multiple of each count"),
-    (["--global-batch-size", "0", "--devices", "2"], "a positive multiple of each count"),
+    (["--devices", "2", "--", "--json=x.json"], "no --json after it"),
+    (["--global-batch-size", "256", "--devices", "2", "--", "--batch-size=32"], "not both"),
+    (["--global-batch-size", "256", "--devices", "2", "--", "--batch", "32"], "not both"),  # argparse expands it
+    (["--global-batch-size", "256", "--devices", "3"], "a multiple of each count"),
 ])  # fmt: skip
 def test_scaling_command_refuses_conflicting_batches_and_devices(benchmark_scripts, argv, message):
     from scaling import main as scaling
 
     with pytest.raises(SystemExit, match=message):
         scaling(argv)
+
+
+@pytest.mark.parametrize("argv", [["--devices", "0"], ["--devices", "2", "-2"], ["--global-batch-size", "0", "--devices", "2"]])
+def test_scaling_command_refuses_counts_below_one(benchmark_scripts, argv, capsys):
+    from scaling import main as scaling
+
+    with pytest.raises(SystemExit):
+        scaling(argv)
+    assert "is not a positive count" in capsys.readouterr().err
 
 
 @pytest.mark.slow

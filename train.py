@@ -9,6 +9,7 @@
 
 import netrc
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,14 +18,20 @@ import lightning as L
 import lightning.pytorch.strategies.launchers.subprocess_script as lightning_launcher
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dit.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume
+from dit.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
+from dit.errors import ONE_LINE_ERRORS, USAGE_EXIT_CODE, UsageError
 from dit.flops import describe
+from dit.manifest import changed_keys, differences, fixed, run_identity
 from dit.models import DiT, config_name
+from dit.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
 
 
 def wandb_offline():
@@ -48,14 +55,30 @@ def ddp_child_command(local_rank):
 
     Lightning re-runs the script with the parent's own arguments; in a multirun those are the whole
     sweep, so every child would start a sweep of its own and the job hangs (a known DDP + Hydra
-    multirun failure). The children start from this job's saved config instead, in its folder.
+    multirun failure). The children start from this launch's own copy of its config instead
+    (`launch_config`), in its folder: Hydra's `.hydra/config.yaml` there is rewritten by any later
+    launch on the same folder, even one that the run lock then refuses.
     """
     hydra_cfg = HydraConfig.get()
     job_dir = hydra_cfg.runtime.output_dir
-    command = [sys.executable, os.path.abspath(sys.argv[0]), "-cp", os.path.join(job_dir, hydra_cfg.output_subdir),
-               "-cn", "config", f"hydra.run.dir={job_dir}", "hydra.output_subdir=null",
+    config = LAUNCH_CONFIG or Path(job_dir) / hydra_cfg.output_subdir / "config.yaml"  # lock_run=false: Hydra's
+    command = [sys.executable, os.path.abspath(sys.argv[0]), "-cp", str(config.parent),
+               "-cn", config.stem, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null",
                f"hydra.job.name=train_ddp_process_{local_rank}"]  # fmt: skip
     return command, hydra.utils.get_original_cwd()
+
+
+LAUNCH_CONFIG = None  # this launch's config file, written by the process that holds the run lock
+
+
+def launch_config(cfg, out):
+    """Save this launch's config (as Hydra's .hydra/config.yaml: unresolved, no hydra node) under
+    a name of its own, for the DDP children (ddp_child_command)."""
+    global LAUNCH_CONFIG
+    LAUNCH_CONFIG = out / ".hydra" / f"launch-{os.getpid()}.yaml"
+    LAUNCH_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, LAUNCH_CONFIG)
+    return LAUNCH_CONFIG
 
 
 def pod_run_folder(shared_dir, kind, name):
@@ -77,26 +100,36 @@ OmegaConf.register_new_resolver("pod_run_folder", pod_run_folder, replace=True)
 OmegaConf.register_new_resolver("dit_name", lambda depth, width, patch: config_name(depth, width, patch), replace=True)
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
+OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder, replace=True)
 
 
-# The knobs most often typed on the command line, and their types: a wrong one fails here, by name,
-# rather than as a TypeError deep inside Lightning or torch.
+# The knobs most often typed on the command line: their type and smallest value. A wrong one fails
+# here, by name, rather than as a TypeError or ZeroDivisionError deep inside Lightning or torch.
 NUMERIC_KNOBS = {
-    "seed": int, "patch": int, "trainer.max_steps": int, "trainer.log_every_n_steps": int,
-    "trainer.val_check_interval": int, "data.global_batch_size": int, "data.num_workers": int,
-    "module.optimizer.lr": float, "module.optimizer.weight_decay": float,
+    "seed": (int, 0), "patch": (int, 1), "trainer.max_steps": (int, -1), "trainer.log_every_n_steps": (int, 1),
+    "trainer.val_check_interval": (int, 1), "data.global_batch_size": (int, 1), "data.num_workers": (int, 0),
+    "module.optimizer.lr": (float, 0), "module.optimizer.weight_decay": (float, 0),
 }  # fmt: skip
 
 
 def check_config(cfg):
-    """Clear, one-line errors for a wrong value type and for hardware the machine does not have."""
-    for key, kind in NUMERIC_KNOBS.items():
+    """Clear, one-line errors for a wrong value and for hardware the machine does not have."""
+    for key, (kind, smallest) in NUMERIC_KNOBS.items():
         value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
-            raise TypeError(f"{key} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+        if value is None:
+            continue
+        what = "a number" if kind is float else "an integer"
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise UsageError(f"{key} must be {what}, got {value!r}")
+        if value < smallest:
+            raise UsageError(f"{key} must be {what} of at least {smallest}, got {value!r}")
+    if not (cfg.get("resume") is None or isinstance(cfg.resume, str)):
+        raise UsageError(f"resume must be auto or a checkpoint path, got {cfg.resume!r}")
+    if cfg.get("accept_changes") not in (True, False):
+        raise UsageError(f"accept_changes must be true or false, got {cfg.get('accept_changes')!r}")
     accelerator = cfg.trainer.get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UsageError(
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
             "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
         )
@@ -106,7 +139,7 @@ def check_config(cfg):
         try:
             import torch_xla  # noqa: F401
         except ImportError:
-            raise RuntimeError(f'{preset} needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
+            raise UsageError(f'{preset} needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
         from lightning.fabric.accelerators.xla import XLAAccelerator
 
         try:
@@ -114,11 +147,62 @@ def check_config(cfg):
         except Exception:  # torch_xla asks the cloud's metadata server, unreachable off a TPU VM
             has_tpu = False
         if not has_tpu:
-            raise RuntimeError(f"{preset} but this machine has no TPU; use trainer=gpu or trainer=cpu here")
+            raise UsageError(f"{preset} but this machine has no TPU; use trainer=gpu or trainer=cpu here")
+
+
+def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
+    """A resumed run trains what its checkpoint trained: the settings of run_identity must match,
+    or, with accept_changes=true, the new values are applied (DiTModule.on_train_start puts the
+    optimizer's in force over the restored ones) and announced. Returns the accepted changes."""
+    old, new = run_identity(checkpoint.get("config") or {}), run_identity(run_config)
+    changed = differences(old, new)
+    if not changed:
+        return {}
+    cannot = fixed(changed_keys(old, new))
+    if cannot:
+        raise UsageError(
+            f"{checkpoint_path} was trained with other settings that a run cannot change "
+            f"({differences({k: old.get(k) for k in cannot if k in old}, {k: new.get(k) for k in cannot if k in new})}): "
+            "the weights' shapes, the RNG states and the loader's position depend on them; drop those overrides, "
+            "or start a new run from these weights with module.init_from=<checkpoint> and another name="
+        )
+    if not accept_changes:
+        raise UsageError(
+            f"{checkpoint_path} was trained with other settings ({changed}); pass accept_changes=true to continue "
+            "with the new values (applied from this step on, recorded in the run's manifest.json), or drop those overrides"
+        )
+    print(f"resume: continuing with changed settings from step {checkpoint['global_step']}: {changed}")
+    return {k: [old.get(k), new.get(k)] for k in changed_keys(old, new)}
+
+
+def owns_run_folder(cfg):
+    """Whether this process is the one that locks and records the run folder: rank 0 as Lightning
+    reads it from the environment (RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK) on node 0,
+    not a rank that Lightning, torchrun or SLURM started besides it, and not a pod host (lock_run: false)."""
+    node_zero = all(os.environ.get(v, "0") == "0" for v in ("NODE_RANK", "GROUP_RANK"))
+    return bool(cfg.get("lock_run", True)) and rank_zero_only.rank == 0 and node_zero
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    """Train; a usage error (a bad value, a refused resume) ends a single run with one line."""
+    try:
+        return train(cfg)
+    except (InstantiationException, *ONE_LINE_ERRORS) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, ONE_LINE_ERRORS):
+            raise
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise cause from None  # the job fails, the sweep goes on and lists it at its end
+        message = str(cause).strip()
+        if "Original Traceback" in message:  # raised in a loader worker: torch wraps it with the worker's trace
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
+
+
+def train(cfg):
+    global LAUNCH_CONFIG
     check_config(cfg)  # before anything reads the values it checks
     L.seed_everything(cfg.seed, workers=True)
     with torch.device("meta"):
@@ -128,12 +212,35 @@ def main(cfg: DictConfig):
         f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
     )
     if cfg.resume == "auto" and not cfg.name:
-        raise ValueError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
+        raise UsageError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
     out = Path(cfg.output_dir)
-    ckpt_path = checkpoint_to_resume(cfg.resume, out / "checkpoints")
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    lock = RunLock(out) if owns_run_folder(cfg) else None
+    if lock is not None:
+        lock.acquire()  # before anything reads or writes the folder: a second process is refused here
+        launch_config(cfg, out)
+    try:
+        return fit(cfg, out, run_config, summary, lock)
+    finally:
+        if lock is not None:
+            LAUNCH_CONFIG.unlink(missing_ok=True)
+            LAUNCH_CONFIG = None  # the next job of a multirun writes its own
+            lock.release()
+
+
+def fit(cfg, out, run_config, summary, lock):
+    # Where the checkpoint callbacks write (`${output_dir}/checkpoints` unless moved).
+    folders = [OmegaConf.select(cfg, f"callbacks.{c}.dirpath") for c in ("stop_checkpoint", "checkpoint")]
+    folders = [Path(f) for f in folders if f and "://" not in str(f)] or [out / "checkpoints"]
+    if lock is not None:
+        for folder in folders:
+            remove_stale_temporaries(folder)
+    ckpt_path, checkpoint = checkpoint_to_resume(cfg.resume, folders)
+    accepted = check_same_run(ckpt_path, checkpoint, run_config, cfg.accept_changes) if checkpoint is not None else {}
+    del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.run_config = run_config
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = []
     is_wandb = bool(cfg.get("logger")) and cfg.logger._target_.endswith("WandbLogger")
@@ -145,6 +252,16 @@ def main(cfg: DictConfig):
         # The metrics as CSV beside wandb's: an offline wandb run cannot be read back without
         # `wandb sync` (and an account), and the scaling plots (dit.plots) read these files.
         loggers.append(CSVLogger(save_dir=cfg.output_dir, name="csv", flush_logs_every_n_steps=1))
+    if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if lock is not None:
+        # Before the first step rather than at the first checkpoint, hours later.
+        folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
+        for folder in sorted(f for f in folders if "://" not in f):
+            check_writable(folder, checkpoint_bytes(summary["params"]))
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted)
+        module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if is_wandb and trainer.is_global_zero:
         wandb_id.write_text(loggers[0].experiment.id)
@@ -180,5 +297,26 @@ def main(cfg: DictConfig):
     return out
 
 
+OVERRIDE_KEY = re.compile(r"[+~]{0,2}[A-Za-z_][\w./@-]*")
+FLAGS_WITH_A_VALUE = ("-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir", "--experimental-rerun")
+
+
+def quote_values_with_equals(argv):
+    """`resume=outputs/x/checkpoints/step=0000010.ckpt` as typed. Hydra's override grammar reads the
+    second '=' as a syntax error; the value of an override that holds one (a path: the checkpoints'
+    own names) is quoted for it, as `resume='...'` would be. Not a sweep over such values (a ','
+    in the value: quote those by hand), and not the value of a flag such as `-cp <folder>`."""
+    quoted = []
+    for i, arg in enumerate(argv):
+        key, sep, value = arg.partition("=")
+        after_flag = i > 0 and argv[i - 1] in FLAGS_WITH_A_VALUE
+        if sep and "=" in value and "," not in value and OVERRIDE_KEY.fullmatch(key) and not after_flag \
+                and not value.startswith(("'", '"')):  # fmt: skip
+            arg = key + "='" + value.replace("'", "\\'") + "'"
+        quoted.append(arg)
+    return quoted
+
+
 if __name__ == "__main__":
+    sys.argv = quote_values_with_equals(sys.argv)
     main()

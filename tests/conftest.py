@@ -29,3 +29,28 @@ def random_inception(tmp_path_factory):
     from dit.fid import random_inception
 
     return random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, digits_dir):
+    """The last.ckpt of a 12-step quickstart run (real digits, EMA decay 0.9)."""
+    import train
+    from test_training import quick_cfg
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=12", "data.global_batch_size=32", "trainer.val_check_interval=12",
+                    "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy")  # fmt: skip
+    train.main(cfg)
+    return out / "checkpoints" / "last.ckpt"
+
+
+def one_line_error(stderr, *fragments):
+    """A usage error as train.py and the tools print it: its one line is the last on stderr,
+    nothing on stderr is a traceback, and it says each of `fragments`. Returns the line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert lines and lines[-1].startswith("error: "), stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from conftest import one_line_error
+from dit.errors import UsageError
 from test_training import run_train
 
 BASE = ["experiment=quickstart", "~callbacks.digits_accuracy", "trainer.max_steps=2", "trainer.val_check_interval=1000"]
@@ -26,6 +28,8 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         assert result.returncode == 0, result.stderr[-2000:]
         return
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    if not message.startswith("Could not"):  # not Hydra's own composition errors: ours, one line each
+        assert result.returncode == 2 and one_line_error(result.stderr, message)
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing half-written; resume=auto would start fresh
 
 
@@ -48,8 +52,12 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path, digits_dir):
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = tmp_path / "outputs" / "small" / "checkpoints" / "last.ckpt"
     result = run_train([*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert "the checkpoint holds DiT-custom/2 (in_context" in result.stderr and "but this run builds DiT-custom/2 (adaln_zero" in result.stderr
+    assert result.returncode == 2 and one_line_error(result.stderr, "model.conditioning: 'in_context' -> 'adaln_zero'")
+    # accepting the change cannot make the weights fit: the model is fixed within a run
+    result = run_train([*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}", "accept_changes=true"], cwd=tmp_path)
+    assert result.returncode == 2 and one_line_error(
+        result.stderr, "settings that a run cannot change (model.conditioning: 'in_context' -> 'adaln_zero')", "module.init_from="
+    )
 
 
 def test_output_folder_that_cannot_be_written(tmp_path, digits_dir):
@@ -76,5 +84,81 @@ def test_tpu_preset_without_torch_xla(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch_xla", None)  # as if not installed
     for preset, extra in ("tpu_v3", []), ("tpu_v3_pod", [f"shared_dir={tmp_path}", "name=pod"]):  # the message names the preset typed
         cfg = compose_cfg([f"trainer={preset}", *extra], tmp_path)
-        with pytest.raises(RuntimeError, match=rf"trainer={preset} needs torch_xla: pip install -e \".\[tpu\]\""):
+        with pytest.raises(UsageError, match=rf"trainer={preset} needs torch_xla: pip install -e \".\[tpu\]\""):
             train.check_config(cfg)
+
+
+def train_error(cfg, capsys):
+    """train.py's task function on a composed config: it must end with exit code 2 and one line."""
+    import train
+
+    with pytest.raises(SystemExit) as exited:
+        train.main(cfg)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("patch=0", "patch must be an integer of at least 1, got 0"),
+    ("data.global_batch_size=0", "data.global_batch_size must be an integer of at least 1, got 0"),
+    ("data.global_batch_size=-32", "data.global_batch_size must be an integer of at least 1, got -32"),
+    ("module.optimizer.lr=-1e-4", "module.optimizer.lr must be a number of at least 0, got -0.0001"),
+    ("module.init_from=/nowhere/DiT-XL-2-256x256.pt", "module.init_from=/nowhere/DiT-XL-2-256x256.pt: no checkpoint file at"),
+    ("accept_changes=maybe", "accept_changes must be true or false, got 'maybe'"),
+])  # fmt: skip
+def test_bad_values_get_one_line(tmp_path, digits_dir, capsys, override, message):
+    from test_training import compose_cfg
+
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", override], tmp_path)
+    one_line_error(train_error(cfg, capsys), message)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
+    """init_from that is no checkpoint; a data folder of random files; a corrupt index.json."""
+    import shutil
+
+    from test_training import compose_cfg
+
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    random_files = tmp_path / "random"
+    random_files.mkdir()
+    (random_files / "x.bin").write_bytes(bytes(range(256)))
+    broken = tmp_path / "broken"
+    shutil.copytree(digits_dir, broken)
+    (broken / "index.json").write_text("{\"chunks\": [")
+    for override, message in [
+        (f"module.init_from={tmp_path / 'notes.pt'}", "notes.pt is not a readable checkpoint"),
+        (f"data.path={random_files}", f"data folder {random_files} holds no meta.json"),
+        (f"data.path={broken}", f"{broken / 'index.json'} is corrupt"),
+    ]:
+        cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "data.prepare=null", override], tmp_path / "run")
+        one_line_error(train_error(cfg, capsys), message)
+
+
+def test_steps_typed_without_quotes_are_accepted(tmp_path, digits_dir):
+    """module.sampling.steps=250 reaches the config as the integer 250; it means "250"."""
+    import train
+    from test_training import compose_cfg
+
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "module.sampling.steps=3", "trainer.val_check_interval=2",
+                       "data.samples_per_class=1", "logger=none"], tmp_path)  # fmt: skip
+    assert cfg.module.sampling.steps == 3
+    train.main(cfg)
+    assert (tmp_path / "samples" / "step_0000002.png").exists()
+
+
+def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, digits_dir, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from test_training import compose_cfg
+
+    # /proc refuses new files even to root, as a read-only mount would
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "callbacks.checkpoint.dirpath=/proc/dit-checkpoints"], tmp_path)
+    one_line_error(train_error(cfg, capsys), "checkpoints cannot be written to /proc/dit-checkpoints")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 2**20, 2**20))  # 1 MiB free
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}"], tmp_path / "full")
+    one_line_error(train_error(cfg, capsys), "has 0.00 GiB free, but one checkpoint of this run takes about 0.02 GiB")
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step was taken

@@ -209,3 +209,28 @@ def test_digits_shards(digits_dir):
     x, y = dm.on_after_batch_transfer(batch, 0)
     assert x.shape == (128, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and y.max() <= 9
     assert json.loads((digits_dir / "meta.json").read_text())["num_samples"] == 1797
+
+
+def test_a_damaged_shard_folder_names_the_file(tmp_path):
+    """A folder of random files, a corrupt index.json or meta.json, a changed byte in a chunk's
+    header or offsets: each is named, not a JSONDecodeError or litdata's struct.error."""
+    (tmp_path / "random").mkdir()
+    (tmp_path / "random" / "a.bin").write_bytes(os.urandom(100))
+    with pytest.raises(FileNotFoundError, match="holds no meta.json: point data.path at a folder of latent shards"):
+        datamodule(tmp_path / "random")
+    path = numbered_shards(tmp_path / "s", n=64)
+    index = (path / "index.json").read_text()
+    (path / "index.json").write_text(index[: len(index) // 2])
+    with pytest.raises(ValueError, match=r"index.json is corrupt \(.*\); restore it or write the shards again"):
+        datamodule(path)
+    (path / "index.json").write_text(index)
+    (path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="meta.json lacks channels, latent_size, num_classes"):
+        datamodule(path)
+    path = numbered_shards(tmp_path / "t", n=64)
+    chunk = path / json.loads(index)["chunks"][1]["filename"]
+    data = bytearray(chunk.read_bytes())
+    data[6] ^= 0xFF  # inside the chunk's table of record offsets
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"shard {chunk} cannot be decoded \(.*\); it is corrupt"):
+        list(datamodule(path).train_dataloader())

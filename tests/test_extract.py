@@ -180,5 +180,5 @@ def test_bad_input_is_named(tmp_path, vae_dir):
         run_extract(tmp_path / "nowhere", tmp_path / "out", vae_dir)
     with pytest.raises(ValueError, match="holds no class folders"):
         run_extract(tmp_path, tmp_path / "out", vae_dir)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--resolution 30 must be a positive multiple of 8"):
         run_extract(tmp_path, tmp_path / "out", vae_dir, "--resolution", "30")

@@ -10,6 +10,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from dit.errors import UsageError
 from dit.fid import digit_images, frechet_distance, inception, load_reference, main, statistics
 
 
@@ -104,8 +105,35 @@ def test_offline_inception_says_how_to_point_to_a_local_copy(monkeypatch, tmp_pa
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", no_network)
-    with pytest.raises(RuntimeError, match="could not fetch the Inception weights") as error:
+    with pytest.raises(UsageError, match="could not fetch the Inception weights") as error:
         inception(None)
     assert "weights-inception-2015-12-05-6726825d.pth" in str(error.value) and "--inception-weights" in str(error.value)
     with pytest.raises(FileNotFoundError, match="do not exist"):
         inception(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("batch_size", ["1", "64"])
+def test_samples_of_mixed_sizes_or_missing_are_refused(random_inception, tmp_path, capsys, batch_size):
+    from conftest import one_line_error
+    from dit.errors import exit_on_usage_error
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "000000.png")
+    Image.new("RGB", (16, 16)).save(folder / "000001.png")
+    for samples, message in [(folder, "the samples have mixed sizes"), (tmp_path / "nowhere.npz", "do not exist")]:
+        with pytest.raises(SystemExit) as exited:
+            exit_on_usage_error(lambda: main([str(samples), "--ref", "digits", "--inception-weights", str(random_inception),
+                                              "--batch-size", batch_size]))  # fmt: skip
+        assert exited.value.code == 2
+        one_line_error(capsys.readouterr().err, message)
+
+
+def test_saved_reference_statistics_say_what_they_were_computed_on(tmp_path):
+    from dit.fid import save_statistics
+
+    stats = dict(mu=np.zeros(3), sigma=np.eye(3))
+    save_statistics(tmp_path / "ref.npz", stats, "imagenet/train", 256)
+    assert load_reference(str(tmp_path / "ref.npz"), extractor=None, resolution=256)["mu"].shape == (3,)
+    with pytest.raises(ValueError, match=r"computed on 256×256 images \(of imagenet/train\), but the samples are 512×512"):
+        load_reference(str(tmp_path / "ref.npz"), extractor=None, resolution=512)

@@ -274,9 +274,11 @@ def test_label_dropout_rate():
 def test_checkpoint_roundtrip_builds_the_right_config():
     donor = randomize(tiny(conditioning="cross_attn", num_classes=7, in_channels=3, learn_sigma=False))
     cfg = infer_config(donor.state_dict())
-    # Off the paper's widths the head count is a guess (head_dim 64): weights do not record it.
-    assert cfg == dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=1,
+    # Weights do not record the head count: off the paper's widths it is unknown, never guessed.
+    assert cfg == dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=None,
                        num_classes=7, learn_sigma=False, conditioning="cross_attn")  # fmt: skip
+    with pytest.raises(ValueError, match="width 64, off the paper's table, and does not record its head count: pass num_heads="):
+        DiT.from_state_dict({"ema": donor.state_dict(), "opt": {}})
     model = DiT.from_state_dict({"ema": donor.state_dict(), "opt": {}}, num_heads=4)
     x = torch.randn(2, 3, 8, 8)
     t, y = torch.tensor([1, 2]), torch.tensor([3, 7])

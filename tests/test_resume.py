@@ -2,9 +2,11 @@
 checkpoints, the non-finite loss guard, and a named run that is never overwritten."""
 
 import csv
+import json
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from dit.checkpoints import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, checkpoint_to_resume, read_checkpoint
+from conftest import one_line_error
 from test_training import ROOT, run_train
 
 SHORT = ["experiment=quickstart", "trainer.val_check_interval=1000", "~callbacks.digits_accuracy", "trainer.log_every_n_steps=1",
@@ -39,24 +42,34 @@ def weights(run_dir):
 
 
 def test_resume_after_sigkill_is_exact(tmp_path, digits_dir):
-    steps = "trainer.max_steps=45"
-    full = run_train(args(digits_dir, steps, "name=full"), cwd=tmp_path)
+    """Killed mid-run and resumed, with a loader worker: the same weights, EMA, AdamW state and
+    losses as a run never interrupted. While it runs, a second launch on the folder is refused;
+    after the kill its lock and a half-written checkpoint are cleared."""
+    steps = ["trainer.max_steps=45", "data.num_workers=1"]
+    full = run_train(args(digits_dir, *steps, "name=full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    env_cmd = [sys.executable, str(ROOT / "train.py"), *args(digits_dir, steps, "name=killed")]
+    env_cmd = [sys.executable, str(ROOT / "train.py"), *args(digits_dir, *steps, "name=killed")]
     proc = subprocess.Popen(env_cmd, cwd=tmp_path, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "outputs" / "killed" / "checkpoints" / "step=0000010.ckpt"
+    run_dir = tmp_path / "outputs" / "killed"
+    first = run_dir / "checkpoints" / "step=0000010.ckpt"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere between checkpoints
+    assert proc.poll() is None and (run_dir / "run.lock").exists()
+    second = run_train(args(digits_dir, *steps, "name=killed", "resume=auto"), cwd=tmp_path)
+    assert second.returncode == 2 and one_line_error(second.stderr, f"is in use by process {proc.pid} on this host")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = sorted((tmp_path / "outputs" / "killed" / "checkpoints").glob("*.ckpt"))
+    saved = sorted((run_dir / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" not in [p.name for p in saved], "the run finished before it was killed"
+    stale = run_dir / "checkpoints" / "last.ckpt.99999.tmp"  # as a write killed half-way leaves it
+    stale.write_bytes(b"half a checkpoint")
 
-    resumed = run_train(args(digits_dir, steps, "name=killed", "resume=auto"), cwd=tmp_path)
+    resumed = run_train(args(digits_dir, *steps, "name=killed", "resume=auto"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"taking over the lock of process {proc.pid}, which is no longer running" in resumed.stdout
+    assert f"removing {stale}" in resumed.stdout and not stale.exists() and not (run_dir / "run.lock").exists()
     assert "resume=auto: continuing from" in resumed.stdout
 
     a, b = weights(tmp_path / "outputs" / "full"), weights(tmp_path / "outputs" / "killed")
@@ -65,15 +78,16 @@ def test_resume_after_sigkill_is_exact(tmp_path, digits_dir):
         assert theirs.keys() == ours.keys()
         for k in theirs:
             assert torch.equal(theirs[k], ours[k]), k
-    for k, state in a[3]["state"].items():  # AdamW moments
-        assert torch.equal(state["exp_avg"], b[3]["state"][k]["exp_avg"])
+    for k, state in a[3]["state"].items():  # AdamW's moments and step count
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name], b[3]["state"][k][name]), (k, name)
     assert losses(tmp_path / "outputs" / "full") == losses(tmp_path / "outputs" / "killed")
 
 
 def run_env():
     import os
 
-    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="1")
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -103,13 +117,23 @@ def test_named_run_is_never_overwritten(tmp_path, digits_dir):
     first = run_train(args(digits_dir, "trainer.max_steps=10", "name=mine"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_train(args(digits_dir, "trainer.max_steps=10", "name=mine"), cwd=tmp_path)
-    assert second.returncode != 0 and "already holds checkpoints of an earlier run; pass resume=auto" in second.stderr
+    assert second.returncode == 2 and one_line_error(second.stderr, "already holds checkpoints of an earlier run; pass resume=auto")
     third = run_train(args(digits_dir, "trainer.max_steps=10", "resume=auto"), cwd=tmp_path)
-    assert third.returncode != 0 and "give the run a name (name=...)" in third.stderr
+    assert third.returncode == 2 and one_line_error(third.stderr, "give the run a name (name=...)")
+    # resume=<path>, with the '=' of the run's own checkpoint names typed as is: a branch in a new
+    # folder, never a write into a run that holds checkpoints
+    step10 = tmp_path / "outputs" / "mine" / "checkpoints" / "step=0000010.ckpt"
+    stamp = step10.stat().st_mtime_ns
+    into = run_train(args(digits_dir, "trainer.max_steps=12", "name=mine", f"resume={step10}"), cwd=tmp_path)
+    assert into.returncode == 2 and one_line_error(into.stderr, "would be overwritten", "another name=")
+    branch = run_train(args(digits_dir, "trainer.max_steps=12", "name=branch", f"resume={step10}"), cwd=tmp_path)
+    assert branch.returncode == 0, branch.stderr[-3000:]
+    assert read_checkpoint(tmp_path / "outputs" / "branch" / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert step10.stat().st_mtime_ns == stamp and sorted(p.name for p in step10.parent.iterdir()) == ["last.ckpt", "step=0000010.ckpt"]
 
 
 def fake_checkpoint(step):
-    return {"state_dict": {"w": torch.full((3,), float(step))}, "global_step": step, "loops": {}}
+    return {"state_dict": {"w": torch.full((64,), float(step))}, "global_step": step, "loops": {}}
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -126,6 +150,33 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert read_checkpoint(path)["global_step"] == 1
 
 
+def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
+    io, messages = AtomicCheckpointIO(), []
+    io.save_checkpoint(fake_checkpoint(20), tmp_path / "last.ckpt")
+    time.sleep(0.01)
+    io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")  # an old checkpoint copied in later
+    path, checkpoint = checkpoint_to_resume("auto", tmp_path, log=messages.append)
+    assert path == str(tmp_path / "last.ckpt") and checkpoint["global_step"] == 20
+    assert messages == [f"resume=auto: continuing from {tmp_path / 'last.ckpt'} (step 20)"]
+
+
+def test_resume_auto_skips_a_checkpoint_with_a_changed_byte(tmp_path):
+    io, messages = AtomicCheckpointIO(), []
+    io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")
+    io.save_checkpoint(fake_checkpoint(20), tmp_path / "step=0000020.ckpt")
+    flipped = tmp_path / "step=0000020.ckpt"
+    data = bytearray(flipped.read_bytes())
+    at = data.index(struct.pack("<f", 20.0) * 3)  # inside the weights' bytes
+    data[at] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    assert torch.load(flipped, weights_only=False)["state_dict"]["w"][0] != 20.0  # torch.load takes it as it is
+    path, _ = checkpoint_to_resume("auto", tmp_path, log=messages.append)
+    assert path == str(tmp_path / "step=0000010.ckpt")
+    assert f"skipping checkpoint {flipped} is corrupt: its record" in messages[0] and "CRC-32" in messages[0]
+    with pytest.raises(ValueError, match="fails its CRC-32 check"):
+        read_checkpoint(flipped)
+
+
 def test_resume_auto_falls_back_past_a_corrupt_checkpoint(tmp_path):
     io, messages = AtomicCheckpointIO(), []
     io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")
@@ -133,11 +184,11 @@ def test_resume_auto_falls_back_past_a_corrupt_checkpoint(tmp_path):
     io.save_checkpoint(fake_checkpoint(20), tmp_path / "last.ckpt")
     data = (tmp_path / "last.ckpt").read_bytes()
     (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated, e.g. by a full disk
-    assert checkpoint_to_resume("auto", tmp_path, log=messages.append) == str(tmp_path / "step=0000010.ckpt")
+    assert checkpoint_to_resume("auto", tmp_path, log=messages.append)[0] == str(tmp_path / "step=0000010.ckpt")
     assert "truncated or corrupt" in messages[0] and "continuing from" in messages[1]
     with pytest.raises(ValueError, match="last.ckpt is truncated or corrupt"):
-        checkpoint_to_resume(str(tmp_path / "last.ckpt"), tmp_path)
-    assert checkpoint_to_resume("auto", tmp_path / "empty", log=messages.append) is None
+        checkpoint_to_resume(str(tmp_path / "last.ckpt"), tmp_path / "new_run")
+    assert checkpoint_to_resume("auto", tmp_path / "empty", log=messages.append) == (None, None)
 
 
 @pytest.mark.parametrize("skip", ["on_device", "host_read"])
@@ -172,10 +223,14 @@ def test_rerun_sweep_with_resume_finishes_only_what_is_missing(tmp_path, digits_
     import shutil
 
     shutil.copytree(digits_dir, missing)
-    again = run_train([*sweep, "resume=auto"], cwd=tmp_path)
+    # The rerun lists the jobs in another order: each continues in the folder of its own settings.
+    again = run_train([*sweep[:-1], f"data.path={missing},{digits_dir}", "resume=auto"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert done.stat().st_mtime_ns == stamp  # the finished job was not trained again
-    assert read_checkpoint(tmp_path / "multirun" / "sw" / "1" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    redone = read_checkpoint(tmp_path / "multirun" / "sw" / "1" / "checkpoints" / "last.ckpt")
+    assert redone["global_step"] == 3 and redone["config"]["data"]["path"] == str(missing)
+    assert read_checkpoint(done)["config"]["data"]["path"] == str(digits_dir)
+    assert sorted(p.name for p in (tmp_path / "multirun" / "sw").iterdir() if p.name.isdigit()) == ["0", "1"]
 
 
 def test_resumed_wandb_run_keeps_its_id(tmp_path, digits_dir):
@@ -194,3 +249,31 @@ def test_only_the_newest_k_checkpoints_are_kept(tmp_path, digits_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     kept = sorted(p.name for p in (tmp_path / "outputs" / "k" / "checkpoints").glob("*.ckpt"))
     assert kept == ["last.ckpt", "step=0000008.ckpt", "step=0000010.ckpt"]
+
+
+def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir, capsys):
+    """A resume whose recipe changed (lr, batch, EMA decay) is refused, naming each key; with
+    accept_changes=true the new values are the ones in force (the restored optimizer state would
+    otherwise keep the old lr) and the run's manifest records them. logger=none trains too."""
+    import train
+    from test_training import quick_cfg
+
+    base = ["~callbacks.digits_accuracy", "name=r", "logger=none", "trainer.val_check_interval=1000"]
+    train.main(quick_cfg(tmp_path, digits_dir, *base, "trainer.max_steps=3"))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt)["global_step"] == 3
+    changed = ["resume=auto", "trainer.max_steps=5", "module.optimizer.lr=5e-4", "data.global_batch_size=64",
+               "callbacks.ema.multi_avg_fn.decay=0.99"]  # fmt: skip
+    with pytest.raises(SystemExit) as refused:
+        train.main(quick_cfg(tmp_path, digits_dir, *base, *changed))
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, "callbacks.ema.multi_avg_fn.decay: 0.995 -> 0.99", "data.global_batch_size: 128 -> 64",
+                   "module.optimizer.lr: 0.001 -> 0.0005", "accept_changes=true")  # fmt: skip
+    assert read_checkpoint(ckpt)["global_step"] == 3  # untouched
+    train.main(quick_cfg(tmp_path, digits_dir, *base, *changed, "accept_changes=true"))
+    resumed = read_checkpoint(ckpt)
+    assert resumed["global_step"] == 5 and resumed["optimizer_states"][0]["param_groups"][0]["lr"] == 5e-4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["launches"]) == 2  # the refused launch wrote nothing
+    assert manifest["launches"][-1]["accepted_changes"]["module.optimizer.lr"] == [0.001, 0.0005]
+    assert resumed["manifest"]["run_id"] == manifest["run_id"]

@@ -14,23 +14,12 @@ import torch
 from nbclient import NotebookClient
 from PIL import Image
 
-import train
+from conftest import one_line_error
 from dit.models import DiT
 from dit.sample import main as sample_main
 from dit.vae import tiny_vae
-from test_training import quick_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, digits_dir):
-    """The last.ckpt of a 12-step quickstart run (real digits, EMA decay 0.9)."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=12", "data.global_batch_size=32", "trainer.val_check_interval=12",
-                    "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy")  # fmt: skip
-    train.main(cfg)
-    return out / "checkpoints" / "last.ckpt"
 
 
 def run_sample(*args):
@@ -65,7 +54,7 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
     tiny_vae().save_pretrained(tmp_path / "vae")
     args = [str(tmp_path / "export.pt"), str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
             "--sampler", "ddim5", "--vae", str(tmp_path / "vae"), "--classes", "3,1", "--cfg-scale", "1.5",
-            "--guidance", "all_channels", "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
+            "--guidance", "all_channels", "--num-heads", "1", "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
     sample_main(args)
     first = np.load(tmp_path / "s.npz")["arr_0"]
     assert first.shape == (5, 32, 32, 3) and "arr_0 (5, 32, 32, 3) uint8" in capsys.readouterr().out
@@ -76,7 +65,7 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
     redrawn = sorted(name for name in again if again[name] != stamps.get(name))
     assert redrawn == ["000002.png", "000003.png"] and np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], first)
     with pytest.raises(ValueError, match="classes 0..4"):
-        sample_main([*args[:-8], "--classes", "7", "--devices", "1", "--accelerator", "cpu"])
+        sample_main([*args[:-10], "--classes", "7", "--num-heads", "1", "--devices", "1", "--accelerator", "cpu"])
 
 
 def test_class_grid_notebook(tiny_run, monkeypatch):
@@ -106,3 +95,35 @@ def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, ca
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "ref.npz")["arr_0"])  # same seed
     assert abs(metrics["fid"]) < 1e-3 and metrics["precision"] == 1 and "inception_score" in metrics
     assert json.loads((tmp_path / "s.json").read_text()) == metrics
+    assert metrics["samples"]["sampler"] == "ddim5" and metrics["samples"]["step"] == 12  # what was measured
+
+
+def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, capsys):
+    """Other weights or other sampler settings never take a folder's samples as theirs: refused
+    with one line naming what differs, or with --overwrite drawn anew. The same weights in an
+    export resume it (identity is the weights' digest, not the file)."""
+    from dit.errors import exit_on_usage_error
+    from dit.export import main as export_main
+
+    common = ["--num-samples", "4", "--batch-size", "2", "--sampler", "ddim5", "--devices", "1", "--accelerator", "cpu"]
+    out = tmp_path / "s"
+    sample_main([str(tiny_run), str(out), *common])
+    first = np.load(f"{out}.npz")["arr_0"]
+    drawn = json.loads(str(np.load(f"{out}.npz")["manifest"]))  # what drew them rides in the .npz
+    assert drawn["source"]["step"] == 12 and drawn["identity"]["cfg_scale"] == 1.5
+    live = export_main([str(tiny_run), str(tmp_path / "live.pt"), "--weights", "live"])
+    for other, differing in [(live, "weights_digest"), (tiny_run, "cfg_scale: 1.5 -> 4.0")]:
+        with pytest.raises(SystemExit) as refused:
+            exit_on_usage_error(lambda: sample_main([str(other), str(out), *common, "--cfg-scale", "4" if other == tiny_run else "1.5"]))
+        assert refused.value.code == 2
+        one_line_error(capsys.readouterr().err, f"{out} holds samples drawn with other settings", differing, "--overwrite")
+    assert np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
+    ema = export_main([str(tiny_run), str(tmp_path / "ema.pt")])
+    (out / "000003.png").unlink()
+    sample_main([str(ema), str(out), *common])  # the same weights from the export: resumed
+    assert np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
+    sample_main([str(live), str(out), *common, "--overwrite"])
+    assert not np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
+    with pytest.raises(SystemExit):
+        exit_on_usage_error(lambda: sample_main([str(tiny_run), str(tmp_path / "t"), *common, "--classes", "3,x"]))
+    one_line_error(capsys.readouterr().err, "--classes '3,x': give class numbers separated by commas")

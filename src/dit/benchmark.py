@@ -24,6 +24,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from dit.diffusion import create_diffusion, guided
+from dit.errors import UsageError, exit_on_usage_error
 from dit.ema import EMA
 from dit.flops import count_gflops
 from dit.models import DiT, DiT_models
@@ -242,7 +243,7 @@ def main(argv=None):
 def largest_batch(args, kwargs, accelerator):
     """Doubles the per-device batch from 32 until a step runs out of memory (CUDA only)."""
     if accelerator != "gpu":
-        raise ValueError("--batch-size 0 (the largest that fits) needs a GPU; give a batch size")
+        raise UsageError("--batch-size 0 (the largest that fits) needs a GPU; give a batch size")
     best, batch = None, 32
     while True:
         trial = argparse.Namespace(**{**vars(args), "batch_size": batch, "steps": 1, "warmup": 1, "devices": 1})
@@ -251,7 +252,7 @@ def largest_batch(args, kwargs, accelerator):
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             if best is None:
-                raise ValueError(f"{args.model} does not fit at batch 32; try --activation-checkpointing") from None
+                raise UsageError(f"{args.model} does not fit at batch 32; try --activation-checkpointing") from None
             return best
         best, batch = batch, batch * 2
 
@@ -271,4 +272,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error(main)

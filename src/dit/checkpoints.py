@@ -2,18 +2,22 @@
 and a guard against non-finite losses.
 
 A DiT-XL/2 run is millions of steps on preemptible machines; the official code cannot resume at
-all. Here `resume=auto` continues from the newest readable checkpoint of the run's folder, a
-SIGTERM/SIGUSR1 saves one and exits with PREEMPTED_EXIT_CODE, and a crash while writing never
-destroys the last good checkpoint.
+all. Here `resume=auto` continues from the readable checkpoint of the run's folder with the
+highest step, every checkpoint is checked byte for byte before it is trusted, a SIGTERM/SIGUSR1
+saves one and exits with PREEMPTED_EXIT_CODE, and a crash while writing never destroys the last
+good checkpoint.
 """
 
 import os
 import signal
+import zipfile
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dit.errors import UsageError
 
 # EX_TEMPFAIL of sysexits.h: "temporary failure, the user is invited to retry" — a scheduler can
 # requeue on it (SLURM: `--requeue` and a requeue-on-exit-code wrapper; Kubernetes: a restart policy).
@@ -38,45 +42,106 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def read_checkpoint(path):
-    """Load a training checkpoint on the CPU, or raise a ValueError that says it is unreadable."""
+def check_integrity(path):
+    """Every record of a checkpoint file is whole. torch.save writes a zip archive with a CRC-32 per
+    record, which torch.load never checks (checked on torch 2.9 and 2.11): a flipped byte loads as a
+    wrong weight and surfaces as NaNs thousands of steps later. zipfile reads each record and
+    compares its CRC; a truncated file has no zip directory at its end."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError) as err:  # not OSError: a failing disk or mount is not a corrupt file
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({err})") from None
+    if bad is not None:
+        raise UsageError(f"checkpoint {path} is corrupt: its record {bad} fails its CRC-32 check (a changed byte)")
+
+
+def load_weights_file(path):
+    """torch.load of any checkpoint this project reads (train.py's, an export, the official file),
+    on the CPU, after `check_integrity` where the file is a zip archive (files of torch < 1.6 are
+    not). A missing or unreadable file raises a UsageError that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if zipfile.is_zipfile(path):
+        check_integrity(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except OSError:
+        raise
+    except Exception as err:  # a corrupt pickle, a file that is no checkpoint at all, ...
+        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def read_checkpoint(path, verify=True):
+    """A train.py checkpoint, loaded on the CPU with its tensors memory-mapped (nothing large is
+    read), after `check_integrity` when `verify`. Raises a UsageError that says what is wrong."""
+    if not Path(path).is_file():
+        raise UsageError(f"no checkpoint file at {path}")
+    if verify:
+        check_integrity(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except OSError:
+        raise  # the disk or the mount failed: resume=auto must not fall back past a good checkpoint
     except Exception as err:  # a truncated zip, a corrupt pickle, ... all mean the same here
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
-    missing = {"state_dict", "global_step", "loops"} - set(checkpoint)
+        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    missing = {"state_dict", "global_step", "loops"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
-        raise ValueError(f"{path} is not a training checkpoint of train.py (it lacks {', '.join(sorted(missing))})")
+        raise UsageError(f"{path} is not a training checkpoint of train.py (it lacks {', '.join(sorted(missing))})")
     return checkpoint
 
 
-def checkpoint_to_resume(resume, folder, log=print):
-    """The checkpoint a run starts from: None for a fresh run, the newest readable checkpoint in
-    `folder` for "auto" (falling back past corrupt ones, saying so), or the path given."""
-    folder = Path(folder)
-    existing = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+def remove_stale_temporaries(folder, log=print):
+    """Delete the temporary files of checkpoint writes that never finished (a process killed while
+    writing: GBs each at XL size). Called while this process holds the run's lock, when no write
+    of this run is under way."""
+    for tmp in sorted(Path(folder).glob("*.tmp")) if Path(folder).is_dir() else []:
+        log(f"removing {tmp}, left by a checkpoint write that did not finish ({tmp.stat().st_size / 2**20:.0f} MiB)")
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_to_resume(resume, folders, log=print):
+    """(path, checkpoint) a run starts from: (None, None) for a fresh run; for "auto", the
+    readable checkpoint of the run's checkpoint folders with the highest step (last.ckpt wins a
+    tie), skipping corrupt ones with a message; or the path given, which starts a new run (a
+    branch) and so must go to folders that hold no checkpoints yet."""
+    folders = [Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)]
+    existing = sorted(p for f in dict.fromkeys(folders) if f.is_dir() for p in f.glob("*.ckpt"))
+    folder = folders[0]
     if resume is None:
         if existing:
-            raise FileExistsError(
+            raise UsageError(
                 f"{folder} already holds checkpoints of an earlier run; pass resume=auto to continue it, "
                 "or give this run another name= (nothing was overwritten)"
             )
-        return None
+        return None, None
     if resume != "auto":
-        read_checkpoint(resume)
-        return str(resume)
+        if existing:
+            raise UsageError(
+                f"resume={resume} would start from that checkpoint inside {folder}, which already holds this run's "
+                "checkpoints and would be overwritten; continue the run there with resume=auto, or branch into a "
+                "new run folder with another name="
+            )
+        return str(resume), read_checkpoint(resume)
+    readable = []
     for path in existing:
         try:
-            read_checkpoint(path)
-        except ValueError as err:
+            checkpoint = read_checkpoint(path, verify=False)
+        except UsageError as err:
             log(f"resume=auto: skipping {err}")
             continue
-        log(f"resume=auto: continuing from {path}")
-        return str(path)
+        readable.append((checkpoint["global_step"], path.name == "last.ckpt", path, checkpoint))
+    for step, _, path, checkpoint in sorted(readable, key=lambda r: r[:2], reverse=True):
+        try:
+            check_integrity(path)
+        except UsageError as err:
+            log(f"resume=auto: skipping {err}")
+            continue
+        log(f"resume=auto: continuing from {path} (step {step})")
+        return str(path), checkpoint
     log(f"resume=auto: no checkpoint in {folder} yet, starting a fresh run")
-    return None
+    return None, None
 
 
 class StopCheckpoint(Callback):

@@ -19,6 +19,8 @@ hands the training process only the block's number, and the training process cop
 out and frees the block at once.
 """
 
+import bisect
+import itertools
 import json
 import logging
 import multiprocessing
@@ -33,6 +35,8 @@ from lightning import LightningDataModule
 from litdata.constants import _NUMPY_DTYPES_MAPPING  # the shard format's dtype table (private: litdata pinned below 0.3)
 from litdata.streaming.serializers import NumpySerializer
 from torch.utils.data import DataLoader, TensorDataset, get_worker_info
+
+from dit.errors import UsageError
 
 META_FILE = "meta.json"
 logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache size at every epoch
@@ -106,7 +110,7 @@ class LatentDataModule(LightningDataModule):
         prepare = self.hparams.prepare
         if prepare and not (Path(self.path) / META_FILE).exists():
             if prepare != "digits":
-                raise ValueError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")
+                raise UsageError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")
             from dit.digits import prepare_digits
 
             prepare_digits(self.path)
@@ -114,7 +118,7 @@ class LatentDataModule(LightningDataModule):
     def setup(self, stage=None):
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.hparams.global_batch_size % world:
-            raise ValueError(
+            raise UsageError(
                 f"global batch size {self.hparams.global_batch_size} does not divide over {world} devices; "
                 f"use a multiple of {world} (data.global_batch_size=...)"
             )
@@ -133,16 +137,16 @@ class LatentDataModule(LightningDataModule):
                 "(written by dit.data.write_shards)"
             )
         check_shards(folder)
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = read_json(folder / META_FILE, "channels", "latent_size", "num_classes")
         for key in ("channels", "latent_size", "num_classes"):
             if meta[key] != self.hparams[key]:
-                raise ValueError(
+                raise UsageError(
                     f"the shards in {folder} hold {key}={meta[key]}, but the data config says {self.hparams[key]}; "
                     f"set data.{key}={meta[key]} (the model takes its shape from the data config)"
                 )
 
     def train_dataloader(self):
-        dataset = litdata.StreamingDataset(
+        dataset = ShardDataset(
             self.path,
             cache_dir=self.hparams.cache_dir,
             shuffle=True,
@@ -151,7 +155,7 @@ class LatentDataModule(LightningDataModule):
             serializers={"numpy": PosteriorView()},
         )
         if len(dataset) < self.batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"{self.path} holds {len(dataset)} samples for this rank, fewer than one batch of {self.batch_size}"
             )
         return LatentLoader(
@@ -188,15 +192,51 @@ def check_shards(folder):
     index = folder / "index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} has no index.json: it is not a folder of litdata shards")
-    for chunk in json.loads(index.read_text())["chunks"]:
+    for chunk in read_json(index, "chunks")["chunks"]:
         path = folder / chunk["filename"]
         if not path.exists():
             raise FileNotFoundError(f"shard {path} is missing; restore it or write the shards again")
         if path.stat().st_size != chunk["chunk_bytes"]:
-            raise ValueError(
+            raise UsageError(
                 f"shard {path} is truncated or corrupt ({path.stat().st_size} bytes, the index says "
                 f"{chunk['chunk_bytes']}); restore it or write the shards again"
             )
+
+
+def read_json(path, *keys):
+    """A JSON file of the shard folder that holds `keys`, or a UsageError that names it."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path} is corrupt ({err}); restore it or write the shards again") from None
+    missing = [k for k in keys if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise UsageError(f"{path} lacks {', '.join(missing)}: it was not written by dit.data.write_shards; write the shards again")
+    return content
+
+
+class ShardDataset(litdata.StreamingDataset):
+    """litdata's dataset, reporting a record that cannot be decoded (a changed byte in a chunk's
+    header or offsets: litdata's struct.error or a buffer of the wrong size) by naming its chunk."""
+
+    def __init__(self, path, **kwargs):
+        super().__init__(path, **kwargs)
+        self.folder = path
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except (struct.error, ValueError, RuntimeError, IndexError) as err:
+            if "://" in self.folder:  # streamed: a failed download looks the same; keep litdata's own error
+                raise
+            chunks = read_json(Path(self.folder) / "index.json", "chunks")["chunks"]
+            chunk = getattr(index, "chunk_index", None)  # iteration passes litdata's ChunkedIndex
+            if chunk is None:  # a plain record number: chunks hold consecutive records
+                chunk = bisect.bisect_right(list(itertools.accumulate(c["chunk_size"] for c in chunks)), int(index))
+            name = Path(self.folder) / chunks[chunk]["filename"]
+            raise UsageError(
+                f"shard {name} cannot be decoded ({type(err).__name__}: {err}); it is corrupt: restore it or write the shards again"
+            ) from None
 
 
 def sample_latents(posterior, flip, scale_factor):
@@ -247,11 +287,11 @@ class CollateRecords:
     def __call__(self, records):
         for record in records:
             if record["posterior"].shape != self.shape:
-                raise ValueError(f"a record's posterior has shape {record['posterior'].shape}, expected {self.shape}")
+                raise UsageError(f"a record's posterior has shape {record['posterior'].shape}, expected {self.shape}")
         labels = np.array([record["label"] for record in records], dtype=np.int64)
         outside = (labels < 0) | (labels >= self.num_classes)
         if outside.any():
-            raise ValueError(
+            raise UsageError(
                 f"a record has label {labels[outside][0]}, outside [0, {self.num_classes - 1}] for this data config"
             )
         n, size = len(records), len(records) * self.record_bytes

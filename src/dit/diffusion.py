@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dit.errors import UsageError
+
 GUIDANCE_VARIANTS = ("official", "all_channels")
 
 
@@ -40,7 +42,7 @@ def beta_schedule(name, num_steps):
 
         betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999) for i in range(num_steps)]
         return torch.tensor(betas, dtype=torch.float64)
-    raise ValueError(f"unknown noise schedule {name!r}; choose 'linear' or 'cosine'")
+    raise UsageError(f"unknown noise schedule {name!r}; choose 'linear' or 'cosine'")
 
 
 def space_timesteps(num_steps, respacing):
@@ -52,33 +54,35 @@ def space_timesteps(num_steps, respacing):
     """
     if respacing in ("", None):
         return list(range(num_steps))
+    if isinstance(respacing, int) and not isinstance(respacing, bool):  # `steps=250` typed without quotes
+        respacing = str(respacing)
     if isinstance(respacing, (list, tuple)):
         steps = sorted(set(int(s) for s in respacing))
         if not steps or steps[0] < 0 or steps[-1] >= num_steps:
-            raise ValueError(f"explicit timesteps must lie in [0, {num_steps - 1}], got {respacing}")
+            raise UsageError(f"explicit timesteps must lie in [0, {num_steps - 1}], got {respacing}")
         return steps
     hint = "use e.g. '250', 'ddim50', section counts '100,50,25', or a list of timesteps"
     if not isinstance(respacing, str):
-        raise ValueError(f"cannot read timestep respacing {respacing!r}; {hint}")
+        raise UsageError(f"cannot read timestep respacing {respacing!r}; {hint}")
     if respacing.startswith("ddim"):
         try:
             count = int(respacing[4:])
         except ValueError:
-            raise ValueError(f"cannot read timestep respacing {respacing!r}; {hint}") from None
+            raise UsageError(f"cannot read timestep respacing {respacing!r}; {hint}") from None
         for stride in range(1, num_steps):
             if len(range(0, num_steps, stride)) == count:
                 return list(range(0, num_steps, stride))
-        raise ValueError(f"{respacing!r}: no integer stride gives exactly {count} of {num_steps} steps")
+        raise UsageError(f"{respacing!r}: no integer stride gives exactly {count} of {num_steps} steps")
     try:
         counts = [int(c) for c in respacing.split(",")]
     except ValueError:
-        raise ValueError(f"cannot read timestep respacing {respacing!r}; {hint}") from None
+        raise UsageError(f"cannot read timestep respacing {respacing!r}; {hint}") from None
     size_per, extra = divmod(num_steps, len(counts))
     start, steps = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"respacing {respacing!r} asks for {count} steps in a section of {size} (of {num_steps})")
+            raise UsageError(f"respacing {respacing!r} asks for {count} steps in a section of {size} (of {num_steps})")
         stride = (size - 1) / (count - 1) if count > 1 else 1
         steps += [start + round(k * stride) for k in range(count)]
         start += size
@@ -228,7 +232,7 @@ class GaussianDiffusion(nn.Module):
         want = 2 * C if self.learn_sigma else C
         if model_output.shape[1] != want:
             kind = "learned sigma (ε and v)" if self.learn_sigma else "fixed sigma (ε only)"
-            raise ValueError(
+            raise UsageError(
                 f"the diffusion expects {want} output channels for {C}-channel inputs with {kind}, but the model "
                 f"gave {model_output.shape[1]}; match learn_sigma between the model and create_diffusion"
             )
@@ -335,7 +339,7 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma
     betas = beta_schedule(noise_schedule, diffusion_steps)
     kept = space_timesteps(diffusion_steps, timestep_respacing)
     if len(kept) < 2:  # the variance tables take step 0's value from step 1's (as the official code)
-        raise ValueError(f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2")
+        raise UsageError(f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2")
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -357,12 +361,12 @@ def guided(model, scale, variant="official"):
     model's signature (x, t, y), for the samplers above. Scale 1 returns the model itself.
     """
     if variant not in GUIDANCE_VARIANTS:
-        raise ValueError(f"unknown guidance variant {variant!r}; choose one of {', '.join(GUIDANCE_VARIANTS)}")
+        raise UsageError(f"unknown guidance variant {variant!r}; choose one of {', '.join(GUIDANCE_VARIANTS)}")
     if scale == 1.0:
         return model
     null = model.num_classes
     if model.y_embedder.embedding_table.num_embeddings <= null:
-        raise ValueError(
+        raise UsageError(
             f"guidance scale {scale} needs a null class, but this model was built with class_dropout_prob=0 "
             "and has none; sample with scale 1.0 or train with class dropout"
         )

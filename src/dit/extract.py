@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.data import META_FILE
+from dit.errors import UsageError, exit_on_usage_error
 from dit.vae import encode, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
@@ -60,7 +61,7 @@ def list_images(root):
         raise FileNotFoundError(f"{root} is not a folder; pass the ImageNet train folder (it holds one folder per class)")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise ValueError(f"{root} holds no class folders; pass the folder that holds <class>/<image> files")
+        raise UsageError(f"{root} holds no class folders; pass the folder that holds <class>/<image> files")
     files = []
     for label, name in enumerate(classes):
         for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
@@ -157,7 +158,7 @@ def merge_parts(out_dir, part_dirs):
             os.replace(tmp, out_dir / name)
             chunks.append(dict(chunk, filename=name))
     if config is None:
-        raise ValueError(f"no image under {meta['source']} could be decoded; check the folder")
+        raise UsageError(f"no image under {meta['source']} could be decoded; check the folder")
     meta.update(num_samples=sum(chunk["chunk_size"] for chunk in chunks), skipped=skipped)
     for name, content in [("index.json", dict(config=config, chunks=chunks)), (META_FILE, meta)]:
         tmp = out_dir / f"{name}.tmp{os.getpid()}"
@@ -178,9 +179,9 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=8, help="image-decoding processes per rank")
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 8:
-        parser.error(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples 8×)")
+        raise UsageError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples 8×)")
     if args.batch_size <= 0 or args.part_size <= 0:
-        parser.error("--batch-size and --part-size must be positive")
+        raise UsageError("--batch-size and --part-size must be positive")
 
     out_dir = Path(args.out_dir)
     if (out_dir / META_FILE).exists():
@@ -191,7 +192,7 @@ def main(argv=None):
     local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if args.precision == "bf16" and device.type != "cuda":
-        parser.error("--precision bf16 is for GPUs; on the CPU use fp32")
+        raise UsageError("--precision bf16 is for GPUs; on the CPU use fp32")
     files, classes = list_images(args.image_dir)
     num_parts = -(-len(files) // args.part_size)
     parts_root = out_dir / "parts"
@@ -234,4 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error(main)

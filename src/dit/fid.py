@@ -30,6 +30,9 @@ import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as INCEPTION_URL
 
+from dit.errors import UsageError, exit_on_usage_error
+from dit.manifest import read_manifest
+
 POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the pool features, IS the logits
 
 
@@ -50,7 +53,7 @@ def inception(weights=None, device="cpu"):
     except OSError as error:  # URLError, timeout, refused connection: the download failed
         if weights is not None:
             raise
-        raise RuntimeError(
+        raise UsageError(
             f"could not fetch the Inception weights for FID ({error}). Download {INCEPTION_URL} where there "
             f"is a network, copy it here and pass its path: --inception-weights /path/{INCEPTION_URL.rsplit('/', 1)[1]} "
             "(in training: callbacks.fid.inception_weights=/path/...)"
@@ -91,7 +94,7 @@ class UInt8Images(Dataset):
 
     def __init__(self, images):
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype not in (np.uint8, torch.uint8):
-            raise ValueError(f"expected N×H×W×3 uint8 images, got shape {tuple(images.shape)} of {images.dtype}")
+            raise UsageError(f"expected N×H×W×3 uint8 images, got shape {tuple(images.shape)} of {images.dtype}")
         self.images = images
 
     def __len__(self):
@@ -108,7 +111,7 @@ def features(extractor, images, batch_size=64):
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     if len(images) == 0:
-        raise ValueError("no images to compute features of")
+        raise UsageError("no images to compute features of")
     cuda = next(extractor.parameters()).is_cuda
     # Loader worker processes (torch-fidelity starts up to 4) pay off only for many files to decode;
     # images in memory, or a single batch, are read in-process.
@@ -136,13 +139,13 @@ def frechet_distance(pool_features, reference):
     x = pool_features.double().cpu().numpy()
     mu_r, sigma_r = (np.asarray(reference[k], dtype=np.float64) for k in ("mu", "sigma"))
     if mu_r.shape != x.shape[1:] or sigma_r.shape != 2 * x.shape[1:]:
-        raise ValueError(
+        raise UsageError(
             f"reference statistics of shape mu {mu_r.shape}, sigma {sigma_r.shape} do not fit features of dimension "
             f"{x.shape[1]}: they must be of the 2048-d Inception pool features"
         )
     n, dim = x.shape
     if n < 2:
-        raise ValueError(f"FID needs at least 2 samples for a covariance, got {n}")
+        raise UsageError(f"FID needs at least 2 samples for a covariance, got {n}")
     if n > dim:
         stats = statistics(pool_features)
         return fid_statistics_to_metric(stats, dict(mu=mu_r, sigma=sigma_r), verbose=False)[KEY_METRIC_FID]
@@ -199,14 +202,43 @@ def image_header_reads(path):
 def load_samples(path):
     """Generated samples: an `.npz` whose `arr_0` is N×H×W×3 uint8 (ADM's format), or a folder of PNGs."""
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"samples {path} do not exist; pass the .npz or the folder of PNGs that dit.sample wrote")
     if path.is_dir():
-        return image_folder(path)
+        images = image_folder(path)
+        check_one_size(images.files)
+        return images
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
             if "arr_0" not in data:
-                raise ValueError(f"{path} holds no arr_0 (it has {list(data.keys())}); samples go in arr_0, N×H×W×3 uint8")
+                raise UsageError(f"{path} holds no arr_0 (it has {list(data.keys())}); samples go in arr_0, N×H×W×3 uint8")
             return UInt8Images(data["arr_0"])
-    raise FileNotFoundError(f"samples {path} are neither a folder of PNGs nor an .npz file; pass one of those")
+    raise UsageError(f"samples {path} are neither a folder of PNGs nor an .npz file; pass one of those")
+
+
+def check_one_size(files):
+    """FID compares images of one size: mixed sizes would be batched into an error, or, one at a
+    time, each resized to 299×299 on its own and measured as if they were alike (header reads only)."""
+    from PIL import Image
+
+    sizes = {}
+    for file in files:
+        with Image.open(file) as image:
+            sizes.setdefault(image.size, file)
+        if len(sizes) > 1:
+            (a, first), (b, second) = sizes.items()
+            raise UsageError(f"the samples have mixed sizes: {first} is {a[0]}×{a[1]}, {second} is {b[0]}×{b[1]}; "
+                             "measure one set of samples of one size")  # fmt: skip
+
+
+def samples_manifest(path):
+    """What drew the samples (dit.sample's manifest: the weights' digest, sampler, guidance, seed ...),
+    from the folder's manifest.json or the .npz's `manifest`; None where there is none."""
+    path = Path(path)
+    if path.is_dir():
+        return read_manifest(path)
+    with np.load(path) as data:
+        return json.loads(str(data["manifest"])) if "manifest" in data else None
 
 
 def digit_images():
@@ -232,16 +264,23 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
         images = digit_images()
     elif path.is_dir():
         if resolution is None:
-            raise ValueError(f"a reference folder ({ref}) is cropped to the samples' resolution: give --resolution")
+            raise UsageError(f"a reference folder ({ref}) is cropped to the samples' resolution: give --resolution")
         images = image_folder(path, crop_to=resolution)
     elif path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
             stats = dict(mu=data["mu"], sigma=data["sigma"]) if {"mu", "sigma"} <= set(data.keys()) else None
+            made_at = int(data["resolution"]) if "resolution" in data else -1  # ADM's batches do not say
+            if stats is not None and resolution is not None and made_at not in (-1, resolution):
+                raise UsageError(
+                    f"reference statistics {ref} were computed on {made_at}×{made_at} images (of {data['source']}), "
+                    f"but the samples are {resolution}×{resolution}; compute them at the samples' size "
+                    f"(--ref <folder of real images> --save-ref-stats ...)"
+                )
             if stats is not None and not keep_features:
                 return stats
             if "arr_0" not in data:
                 need = "images (arr_0) for precision/recall" if keep_features else "mu and sigma, or images in arr_0"
-                raise ValueError(f"reference {ref} holds {sorted(data.keys())}, but it needs {need}")
+                raise UsageError(f"reference {ref} holds {sorted(data.keys())}, but it needs {need}")
             images = UInt8Images(data["arr_0"])
         if stats is not None:  # ADM's reference batch: FID against ITS statistics; the images serve P/R only
             return dict(stats, features=features(extractor, images, batch_size)[POOL])
@@ -254,6 +293,13 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
 # ------------------------------------------------------------------ metrics
 
 
+def save_statistics(path, reference, source, resolution):
+    """mu and sigma of a reference, with what they were computed from: its source and the image
+    size, which a later `--ref` of these statistics is checked against."""
+    np.savez(path, mu=reference["mu"], sigma=reference["sigma"], source=np.array(str(source)),
+             resolution=np.array(-1 if resolution is None else resolution))  # fmt: skip
+
+
 def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_ref_stats=None):
     """FID of `samples` (a Dataset of uint8 images, or a path for `load_samples`) against `ref` (see
     `load_reference`; a folder is cropped to the samples' size), and on request the Inception Score
@@ -262,7 +308,7 @@ def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_
     samples = load_samples(samples) if isinstance(samples, (str, Path)) else samples
     reference = load_reference(ref, extractor, samples[0].shape[1], batch_size, keep_features=prc)
     if save_ref_stats:
-        np.savez(save_ref_stats, mu=reference["mu"], sigma=reference["sigma"])
+        save_statistics(save_ref_stats, reference, ref, samples[0].shape[1])
     ours = features(extractor, samples, batch_size)
     metrics = dict(fid=frechet_distance(ours[POOL], reference), num_samples=len(samples))
     if isc:
@@ -291,19 +337,19 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if args.samples is None and not args.save_ref_stats:
-        parser.error("give the samples to measure, or --save-ref-stats to only compute the reference's statistics")
+        raise UsageError("give the samples to measure, or --save-ref-stats to only compute the reference's statistics")
     extractor = inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
     if args.samples is None:
         reference = load_reference(args.ref, extractor, args.resolution, args.batch_size)
-        np.savez(args.save_ref_stats, mu=reference["mu"], sigma=reference["sigma"])
+        save_statistics(args.save_ref_stats, reference, args.ref, 8 if args.ref == "digits" else args.resolution)
         print(f"reference statistics of {args.ref} written to {args.save_ref_stats}")
         return reference
     metrics = evaluate(extractor, args.samples, args.ref, args.isc, args.prc, args.batch_size, args.save_ref_stats)
+    drawn = samples_manifest(args.samples)
+    if drawn is not None:  # the figures say what they are of
+        metrics["samples"] = dict(drawn["identity"], checkpoint=drawn["source"]["checkpoint"], step=drawn["source"]["step"])
     print(json.dumps(metrics))
     return metrics
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    exit_on_usage_error(main)

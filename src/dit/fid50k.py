@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from dit import fid, sample
+from dit.errors import exit_on_usage_error
 
 
 def main(argv=None):
@@ -44,7 +45,4 @@ def _npz_keys(path):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (RuntimeError, ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    exit_on_usage_error(main)

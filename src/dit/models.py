@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from dit.errors import UsageError
+
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
 
 
@@ -96,7 +98,7 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
+            raise UsageError(f"hidden size {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -259,12 +261,12 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if attention not in ("sdpa", "xla_flash"):
-            raise ValueError(f"unknown attention {attention!r}; choose sdpa or xla_flash (a TPU's Pallas kernel)")
+            raise UsageError(f"unknown attention {attention!r}; choose sdpa or xla_flash (a TPU's Pallas kernel)")
         if conditioning not in CONDITIONINGS:
-            raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+            raise UsageError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
         if input_size % patch_size:
             fits = [p for p in (1, 2, 4, 8, 16) if input_size % p == 0]
-            raise ValueError(
+            raise UsageError(
                 f"patch size {patch_size} does not divide the latent size {input_size}; patch sizes that fit: {fits}"
             )
         self.input_size = input_size
@@ -363,11 +365,11 @@ class DiT(nn.Module):
         # Shapes are static, so these checks cost nothing under torch.compile or XLA.
         want = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(
+            raise UsageError(
                 f"{self.name} takes latents of shape (N, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}"
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(
+            raise UsageError(
                 f"t and y must have shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)} and {tuple(y.shape)}"
             )
         # The range of labels is data, not shape: reading it costs a host sync on an accelerator,
@@ -376,7 +378,7 @@ class DiT(nn.Module):
             lo, hi = int(y.min()), int(y.max())
             top = self.y_embedder.embedding_table.num_embeddings - 1  # the null class, if any
             if lo < 0 or hi > top:
-                raise ValueError(
+                raise UsageError(
                     f"labels must lie in [0, {top}] for {self.num_classes} classes, got labels in [{lo}, {hi}]"
                 )
 
@@ -385,19 +387,30 @@ class DiT(nn.Module):
         if strict:
             theirs, ours = describe_state_dict(state_dict), describe_state_dict(self.state_dict())
             if theirs != ours:
-                raise ValueError(
+                raise UsageError(
                     f"this checkpoint holds {theirs}, but the model is {ours}; "
                     f"build the model as DiT.from_state_dict(state_dict) or with those settings"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
-    def from_state_dict(cls, state_dict, **overrides):
+    def from_state_dict(cls, checkpoint, **overrides):
         """Build the model a checkpoint describes (any of `backbone_state_dict`'s forms) and load
-        it strictly. Official checkpoints give DiT-XL/2 with adaLN-Zero. Weights do not
-        record the head count: pass `num_heads=` for a width off the paper's table."""
-        state_dict = backbone_state_dict(state_dict)
-        model = cls(**(infer_config(state_dict) | overrides))
+        it strictly. A train.py checkpoint or an export records its model config, head count
+        included; for a bare state dict (the official file) the config is read from the weights'
+        shapes, which do not hold the head count: the paper's for its widths (Table 1), and for
+        any other width `num_heads=` must be given."""
+        state_dict = backbone_state_dict(checkpoint)
+        run_config = checkpoint.get("config")
+        recorded = run_config.get("model") if isinstance(run_config, dict) else None
+        config = dict(recorded) if recorded else infer_config(state_dict)
+        config |= overrides
+        if config["num_heads"] is None:
+            raise UsageError(
+                f"this state dict has width {config['hidden_size']}, off the paper's table, and does not record "
+                "its head count: pass num_heads= (dit.sample: --num-heads)"
+            )
+        model = cls(**config)
         model.load_state_dict(state_dict)
         return model
 
@@ -409,7 +422,7 @@ def sincos_pos_embed_2d(dim, grid_size):
     [sin(pos·ω), cos(pos·ω)] with ω_k = 1 / 10000^(k / (dim/4)).
     """
     if dim % 4:
-        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2D sin-cos embedding")
+        raise UsageError(f"hidden size {dim} must be divisible by 4 for the 2D sin-cos embedding")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     rows, cols = torch.meshgrid(
         torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
@@ -429,10 +442,13 @@ def sincos_pos_embed_2d(dim, grid_size):
 
 def backbone_state_dict(checkpoint):
     """The DiT weights inside any checkpoint this project meets: a bare state dict (the official
-    `DiT-XL-2-256x256.pt`, `python -m dit.export`), an official training checkpoint (its "ema"),
-    or a train.py checkpoint (its Lightning "state_dict", which holds the EMA under "model.")."""
+    `DiT-XL-2-256x256.pt`), an official training checkpoint or an export of `python -m dit.export`
+    (its "ema"; an export of live weights: its "model"), or a train.py checkpoint (its Lightning
+    "state_dict", which holds the EMA under "model.")."""
     if "ema" in checkpoint:
         return checkpoint["ema"]
+    if isinstance(checkpoint.get("model"), dict) and "manifest" in checkpoint:
+        return checkpoint["model"]
     if "state_dict" in checkpoint:
         return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     return checkpoint
@@ -446,15 +462,15 @@ def infer_config(state_dict):
         out_dim = state_dict["final_layer.linear.weight"].shape[0]
         table = state_dict["y_embedder.embedding_table.weight"].shape[0]
     except KeyError as err:
-        raise ValueError(f"not a DiT state dict: it has no {err.args[0]!r} entry") from None
+        raise UsageError(f"not a DiT state dict: it has no {err.args[0]!r} entry") from None
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     if "blocks.0.adaLN_modulation.1.weight" in state_dict:
         gated = state_dict["blocks.0.adaLN_modulation.1.weight"].shape[0] == 6 * hidden
         conditioning = "adaln_zero" if gated else "adaln"
     else:
         conditioning = "cross_attn" if "blocks.0.cross_attn.q.weight" in state_dict else "in_context"
-    # The head count is not stored anywhere: take the paper's for this width (head_dim 64).
-    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden, max(1, hidden // 64))
+    # Weights do not record the head count: the paper's for its widths (Table 1), None (unknown) for others.
+    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden)
     return dict(
         input_size=int(round(math.sqrt(tokens))) * patch,
         patch_size=patch,

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from lightning import LightningModule
 
+from dit.checkpoints import load_weights_file
 from dit.diffusion import create_diffusion, guided
+from dit.errors import UsageError
 from dit.models import DiT, backbone_state_dict, describe_state_dict
 
 
@@ -49,10 +51,14 @@ class DiTModule(LightningModule):
         self.save_hyperparameters()
         self.model = DiT(**model)
         if init_from:
-            self.model.load_state_dict(backbone_state_dict(torch.load(init_from, map_location="cpu", weights_only=False)))
+            try:
+                self.model.load_state_dict(backbone_state_dict(load_weights_file(init_from)))
+            except UsageError as err:
+                raise UsageError(f"module.init_from={init_from}: {err}") from None
         self.diffusion = create_diffusion(**diffusion)
         self.sampler = self.sampling_diffusion(sampling["steps"])
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
+        self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
         self._grid = []
         self._timer = None
         self.nonfinite_in_a_row = 0
@@ -70,7 +76,7 @@ class DiTModule(LightningModule):
             return
         compile = self.hparams.compile
         if compile not in COMPILE_CHOICES:
-            raise ValueError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
+            raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
         if compile == "auto":
             compile = CUDA_COMPILE_MODE if self.trainer.strategy.root_device.type == "cuda" else False
         if compile:
@@ -127,7 +133,7 @@ class DiTModule(LightningModule):
         self.trainer.save_checkpoint(path)
         raise FloatingPointError(
             f"{what}; the last good state is saved in {path}. Lower the learning rate or use fp32 "
-            "(trainer.precision=32-true), then resume=auto"
+            "(trainer.precision=32-true), then resume=auto accept_changes=true"
         )
 
     def on_before_optimizer_step(self, optimizer):
@@ -191,6 +197,15 @@ class DiTModule(LightningModule):
         if getattr(loader, "restore", False):
             loader.restore = False
 
+    def on_train_start(self):
+        # The optimizer's settings come from this run's config, also when a checkpoint restored
+        # the optimizer's state (with the settings it was saved with): train.py refuses a resume
+        # whose settings changed unless accept_changes=true, and then the new ones are in force.
+        for group in self.trainer.optimizers[0].param_groups:
+            for key, value in self.hparams.optimizer.items():
+                if key in group and key != "fused":
+                    group[key] = tuple(value) if isinstance(value, list) else value
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
         options = dict(self.hparams.optimizer)
@@ -202,6 +217,7 @@ class DiTModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["config"] = self.run_config
+        checkpoint["manifest"] = self.run_manifest
         # Every RNG the training step draws from, so a resumed run repeats the same steps.
         checkpoint["rng"] = dict(
             torch=torch.get_rng_state(),
@@ -214,7 +230,7 @@ class DiTModule(LightningModule):
     def on_load_checkpoint(self, checkpoint):
         theirs = backbone_state_dict(checkpoint)
         if describe_state_dict(theirs) != describe_state_dict(self.model.state_dict()):
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint holds {describe_state_dict(theirs)}, but this run builds "
                 f"{describe_state_dict(self.model.state_dict())}; resume with the config it was trained with"
             )

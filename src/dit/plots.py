@@ -24,6 +24,8 @@ matplotlib.use("Agg")  # files, no display: scripts, CI, notebooks alike
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from dit.errors import UsageError, exit_on_usage_error  # noqa: E402
+
 LOSS, FID = "train/loss", "val/fid"
 
 
@@ -31,7 +33,7 @@ def make_run(hparams, rows, source):
     """A run as the figures take it, from its logged config and its metric rows (dicts with `step`)."""
     missing = [k for k in ("model_name", "gflops", "global_batch_size") if k not in hparams]
     if missing:
-        raise ValueError(f"{source} has no {', '.join(missing)} in its logged config; was it trained with train.py and a logger?")
+        raise UsageError(f"{source} has no {', '.join(missing)} in its logged config; was it trained with train.py and a logger?")
     curves = {LOSS: {}, FID: {}}
     for row in rows:  # a resumed run repeats steps in its next log file: the later value wins
         for key, curve in curves.items():
@@ -154,7 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+    exit_on_usage_error(main)

@@ -28,7 +28,9 @@ which sums in another order): rarely a pixel value off by one. TPU cores (--acce
 """
 
 import argparse
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,21 +40,25 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.diffusion import GUIDANCE_VARIANTS, create_diffusion, guided
-from dit.models import DiT, backbone_state_dict
+from dit.errors import UsageError, exit_on_usage_error
+from dit.checkpoints import load_weights_file
+from dit.manifest import MANIFEST_FILE, code_version, differences, flatten, read_manifest, weights_digest, write_manifest
+from dit.models import DiT
 from dit.module import make_grid, save_png
 from dit.vae import SCALE_FACTOR, decode, load_vae, to_uint8
 
 
 def load_model(path, num_heads=None):
-    """(model in eval mode, latent scale factor), the factor None for a model of pixels (no VAE).
-    The model carries `diffusion_options`, the diffusion it was trained with (create_diffusion's
-    keywords but the respacing): a train.py checkpoint's own, else the paper's with the model's
-    learn_sigma."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    """(model in eval mode, latent scale factor, provenance), the factor None for a model of pixels
+    (no VAE). The model carries `diffusion_options`, the diffusion it was trained with
+    (create_diffusion's keywords but the respacing): those a train.py checkpoint or an export
+    records, else the paper's with the model's learn_sigma. `provenance` says where the weights
+    come from: the file, its step and run where recorded, and the digest of the weights."""
+    checkpoint = load_weights_file(path)
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    if config:  # train.py's: the run's config builds the model and says what the data were
-        model = DiT(**config["model"])
-        model.load_state_dict(backbone_state_dict(checkpoint))
+    manifest = checkpoint.get("manifest") or {}
+    if config:  # train.py's or an export's: the run's config builds the model and says what the data were
+        model = DiT.from_state_dict(checkpoint)
         data = config["data"]
         pixels = data["channels"] in (1, 3) and data["scale_factor"] == 1.0
         scale = data["scale_factor"]
@@ -63,7 +69,34 @@ def load_model(path, num_heads=None):
         scale = SCALE_FACTOR
         options = dict(learn_sigma=model.learn_sigma)
     model.diffusion_options = options
-    return model.eval().requires_grad_(False), None if pixels else scale
+    provenance = dict(
+        checkpoint=str(path), step=checkpoint.get("global_step", manifest.get("step")),
+        run=manifest.get("run") or (manifest if "run_id" in manifest else None), weights_digest=weights_digest(model.state_dict()),
+    )  # fmt: skip
+    return model.eval().requires_grad_(False), None if pixels else scale, provenance
+
+
+def check_sample_folder(out_dir, identity, overwrite, rank):
+    """A sample folder holds the samples of one set of weights and sampler settings (its
+    manifest.json), so a rerun resumes it and nothing else does: other settings are refused, or,
+    with --overwrite, its PNGs are deleted (by rank 0) and drawn anew."""
+    manifest = read_manifest(out_dir)
+    pngs = sorted(out_dir.glob("*.png"))
+    if manifest is not None and manifest.get("identity") == identity:
+        return
+    if manifest is None and not pngs:
+        return
+    if manifest is None:
+        why = f"holds {len(pngs)} PNGs but no manifest.json, so what drew them is unknown"
+    else:
+        why = f"holds samples drawn with other settings ({differences(manifest.get('identity') or {}, identity)})"
+    if not overwrite:
+        raise UsageError(f"{out_dir} {why}; sample into another folder, or pass --overwrite to delete them and draw anew")
+    if rank == 0:
+        print(f"--overwrite: {out_dir} {why}; deleting its {len(pngs)} PNGs")
+        for png in pngs:
+            png.unlink()
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
 
 
 def sample_batch(model, k, batch_size, num_samples, seed, classes, sampler, cfg_scale, guidance, vae, scale, device):
@@ -93,17 +126,35 @@ def write_png(image, path):
 def run(fabric, args):
     """One process's share: batches rank, rank + world, ...; then rank 0 gathers the .npz and grid."""
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = parse_classes(args.classes)
     device = fabric.device
-    model, scale = load_model(args.checkpoint, args.num_heads)
+    model, scale, provenance = load_model(args.checkpoint, args.num_heads)
+    if any(not 0 <= c < model.num_classes for c in classes):
+        raise UsageError(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}")
+    # What decides the images (not --num-samples: a rerun with more extends the same set).
+    identity = flatten(dict(
+        weights_digest=provenance["weights_digest"], sampler=args.sampler, cfg_scale=args.cfg_scale,
+        guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, classes=classes, precision=args.precision,
+        vae=args.vae if scale is not None else None, diffusion=model.diffusion_options,
+    ))  # fmt: skip
+    identity = json.loads(json.dumps(identity))  # as the manifest file gives it back
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_sample_folder(out_dir, identity, args.overwrite, fabric.global_rank)
+    if fabric.global_rank == 0:  # PNGs half-written by a killed run: no rank draws yet
+        for tmp in out_dir.glob("*.tmp"):
+            tmp.unlink()
+    fabric.barrier()
+    manifest = read_manifest(out_dir)  # a resumed folder keeps the record of the run that began it
+    if manifest is None:
+        manifest = dict(kind="samples", identity=identity, source=provenance, code=code_version(),
+                        command=["python", "-m", "dit.sample", *map(str, args.argv)])  # fmt: skip
+        if fabric.global_rank == 0:
+            write_manifest(out_dir, manifest)
     model.to(device)
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         # Every step of every batch has the same shapes: compiled once, the graph serves the whole run
         # (the last, smaller batch compiles once more).
         model.compile()
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else []
-    if any(not 0 <= c < model.num_classes for c in classes):
-        raise ValueError(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}")
     vae = load_vae(args.vae, device) if scale is not None else None
     if device.type == "cuda":  # TF32 matmuls, as the official sample_ddp.py (its --tf32 default)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision != "fp32"
@@ -126,11 +177,20 @@ def run(fabric, args):
     fabric.barrier()
     if fabric.global_rank == 0:
         arr = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB")) for i in range(args.num_samples)])
-        np.savez(f"{out_dir}.npz", arr_0=arr)
+        # ADM's evaluator reads arr_0; the manifest rides along, for dit.fid to say what it measured.
+        np.savez(f"{out_dir}.npz", arr_0=arr, manifest=np.array(json.dumps(manifest)))
         nrow = len(classes) if classes else 8
         first = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2).float() / 255
         grid = save_png(make_grid(first, nrow=nrow), f"{out_dir}.png")
         print(f"wrote {args.num_samples} samples to {out_dir}/, {out_dir}.npz (arr_0 {tuple(arr.shape)} uint8), grid {grid}")
+
+
+def parse_classes(text):
+    """--classes "207,360" -> [207, 360]; "" -> [] (uniform random labels)."""
+    try:
+        return [int(c) for c in text.split(",")] if text else []
+    except ValueError:
+        raise UsageError(f"--classes {text!r}: give class numbers separated by commas, e.g. --classes 207,360,387") from None
 
 
 def main(argv=None):
@@ -150,11 +210,14 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["tf32", "fp32", "bf16"], default="tf32", help="GPU matmuls (official: TF32)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the model (auto: on GPUs)")
     parser.add_argument("--num-heads", type=int, help="for a bare state dict of a width off the paper's table")
+    parser.add_argument("--overwrite", action="store_true", help="out_dir holds samples of other settings: delete them, draw anew")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    parse_classes(args.classes)  # before any process starts
     if not (args.sampler.startswith(("ddpm", "ddim")) and args.sampler[4:].isdigit()):
-        parser.error(f"--sampler {args.sampler}: use ddpmN or ddimN, e.g. ddpm250 (the paper's) or ddim50")
+        raise UsageError(f"--sampler {args.sampler}: use ddpmN or ddimN, e.g. ddpm250 (the paper's) or ddim50")
     if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:
-        parser.error("--num-samples and --batch-size must be positive, --seed not negative")
+        raise UsageError("--num-samples and --batch-size must be positive, --seed not negative")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto" if devices == 1 else "ddp")
     fabric.launch(run, args)
@@ -162,4 +225,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error(main)

@@ -7,6 +7,8 @@ first use; offline, `load_vae` says so and takes a local folder instead.
 
 import torch
 
+from dit.errors import UsageError
+
 SCALE_FACTOR = 0.18215
 VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # paper §4: ft-EMA headline, ft-MSE Table 4
 
@@ -19,10 +21,10 @@ def load_vae(name="ema", device="cpu", dtype=torch.float32):
     try:
         vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
     except (OSError, ValueError) as error:  # no network, no such repo, or a folder that is not a VAE
-        raise RuntimeError(
-            f"could not load the VAE {source!r}: {str(error).splitlines()[0]}\n"
+        raise UsageError(
+            f"could not load the VAE {source!r}: {str(error).splitlines()[0]}. "
             f"Offline? Download it where there is a network (`hf download {source} --local-dir sd-vae`), copy "
-            f"the folder here and pass its path instead of {name!r} (e.g. vae=/path/to/sd-vae)"
+            f"the folder here and pass its path instead of {name!r} (e.g. --vae /path/to/sd-vae)"
         ) from None
     return vae.to(device).eval().requires_grad_(False)
 

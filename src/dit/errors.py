@@ -1,0 +1,27 @@
+"""Bad input gets one line that names the key or argument and the fix, never a traceback.
+
+The project's own checks raise `UsageError`; `train.py` and every `python -m dit.<tool>` print it
+(and the file errors that name their path) as `error: <message>` and exit with code 2. Any other
+exception is a bug and keeps its traceback.
+"""
+
+import sys
+
+
+class UsageError(ValueError):
+    """A value the user gave (a config key, an argument, a file) cannot work; the message says
+    which and what to do instead."""
+
+
+# File errors carry their path in the message ("[Errno 2] No such file or directory: 'x'").
+ONE_LINE_ERRORS = (UsageError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+USAGE_EXIT_CODE = 2  # as argparse's own usage errors
+
+
+def exit_on_usage_error(main):
+    """Run a tool's `main()`; a usage error ends it with one line on stderr."""
+    try:
+        return main()
+    except ONE_LINE_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)

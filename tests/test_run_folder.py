@@ -1,0 +1,73 @@
+"""A run folder belongs to one run: its lock, and the folder each sweep job finds again by its settings."""
+
+import json
+import os
+import time
+
+import pytest
+
+from dit.run_folder import RunLock, sweep_job_folder, this_process
+
+
+def write_lock(folder, **owner):
+    (folder / "run.lock").write_text(json.dumps(dict(this_process(), started=time.time()) | owner))
+
+
+def test_a_live_lock_is_refused_and_a_dead_one_taken_over(tmp_path):
+    messages = []
+    write_lock(tmp_path, pid=os.getppid())  # a live process of this machine: pytest's parent
+    with pytest.raises(ValueError, match=f"is in use by process {os.getppid()} on this host"):
+        RunLock(tmp_path, log=messages.append).acquire()
+    for pid, why in [(2**22 + 12345, "which is no longer running"), (os.getpid(), "which is no longer running")]:
+        write_lock(tmp_path, pid=pid)  # a pid that runs nothing; this very process's (a restarted container)
+        lock = RunLock(tmp_path, log=messages.append).acquire()
+        assert f"taking over the lock of process {pid}, {why}" in messages[-1]
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_lock_of_another_machine_is_stale_only_once_it_stops_being_refreshed(tmp_path):
+    messages = []
+    write_lock(tmp_path, pid=1, host="node-7", boot="another boot")
+    with pytest.raises(ValueError, match=r"in use by process 1 on node-7 \(its lock was refreshed \d+ s ago\)"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - RunLock.STALE_S - 60
+    os.utime(tmp_path / "run.lock", (old, old))  # its host died: no heartbeat since
+    lock = RunLock(tmp_path, log=messages.append).acquire()
+    assert "taking over the lock of process 1 on node-7, not refreshed for 6 minutes" in messages[-1]
+    lock.release()
+
+
+def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(RunLock, "REFRESH_S", 0.05)
+    lock = RunLock(tmp_path).acquire()
+    old = time.time() - 1000
+    os.utime(tmp_path / "run.lock", (old, old))
+    time.sleep(0.3)
+    assert time.time() - (tmp_path / "run.lock").stat().st_mtime < 5
+    lock.release()
+
+
+def launch(sweep, *jobs):
+    """One launch of a sweep: Hydra writes multirun.yaml, then resolves each job's folder."""
+    sweep.mkdir(exist_ok=True)
+    (sweep / "multirun.yaml").write_text("")
+    stamp = time.time_ns() + 10**9 * len(list(sweep.glob("*/.claimed-in-launch-*")))  # a new mtime per launch
+    os.utime(sweep / "multirun.yaml", ns=(stamp, stamp))
+    return [sweep_job_folder(sweep, num, overrides) for num, overrides in enumerate(jobs)]
+
+
+def test_sweep_jobs_find_their_folders_again(tmp_path):
+    sweep = tmp_path / "sw"
+    a, b = ["model=dit_s", "name=sw"], ["model=dit_b", "name=sw"]
+    assert launch(sweep, a, b) == ["0", "1"]
+    assert launch(sweep, a, b) == ["0", "1"]  # resolving again: the same
+    # reordered, extended with max_steps and resume=auto, one job added: each finds its own
+    more = ["trainer.max_steps=800000", "resume=auto"]
+    assert launch(sweep, [*b, *more], ["model=dit_l", "name=sw", *more], [*a, *more]) == ["1", "2", "0"]
+    # two jobs that differ only in a launch setting never share a folder
+    assert launch(tmp_path / "steps", ["trainer.max_steps=1000"], ["trainer.max_steps=2000"]) == ["0", "1"]
+    assert launch(tmp_path / "steps", ["trainer.max_steps=2000"], ["trainer.max_steps=1000"]) == ["1", "0"]
+    # ... and a third length cannot tell which to extend: a folder of its own
+    assert launch(tmp_path / "steps", ["trainer.max_steps=3000"]) == ["2"]

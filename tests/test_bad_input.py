@@ -162,3 +162,21 @@ def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, 
     cfg = compose_cfg([*BASE, f"data.path={digits_dir}"], tmp_path / "full")
     one_line_error(train_error(cfg, capsys), "has 0.00 GiB free, but one checkpoint of this run takes about 0.02 GiB")
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step was taken
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("sample", ["x.pt", "out", "--num-samples", "many"], "argument --num-samples: invalid int value: 'many'"),
+    ("fid50k", ["x.pt", "out"], "the following arguments are required: --ref"),
+    ("export", ["only-one-argument.ckpt"], "the following arguments are required: output"),
+    ("flops", ["--image-size", "256px"], "argument --image-size: invalid int value: '256px'"),
+])  # fmt: skip
+def test_tools_take_bad_arguments_in_one_line(capsys, tool, argv, message):
+    import importlib
+
+    from dit.errors import exit_on_usage_error
+
+    main = importlib.import_module(f"dit.{tool}").main
+    with pytest.raises(SystemExit) as exited:
+        exit_on_usage_error(lambda: main(argv))
+    assert exited.value.code == 2
+    one_line_error(capsys.readouterr().err, message, "--help lists the arguments")

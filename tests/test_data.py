@@ -219,7 +219,7 @@ def test_a_damaged_shard_folder_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no meta.json: point data.path at a folder of latent shards"):
         datamodule(tmp_path / "random")
     path = numbered_shards(tmp_path / "s", n=64)
-    index = (path / "index.json").read_text()
+    index, meta = (path / "index.json").read_text(), (path / "meta.json").read_text()
     (path / "index.json").write_text(index[: len(index) // 2])
     with pytest.raises(ValueError, match=r"index.json is corrupt \(.*\); restore it or write the shards again"):
         datamodule(path)
@@ -227,7 +227,7 @@ def test_a_damaged_shard_folder_names_the_file(tmp_path):
     (path / "meta.json").write_text("{}")
     with pytest.raises(ValueError, match="meta.json lacks channels, latent_size, num_classes"):
         datamodule(path)
-    path = numbered_shards(tmp_path / "t", n=64)
+    (path / "meta.json").write_text(meta)
     chunk = path / json.loads(index)["chunks"][1]["filename"]
     data = bytearray(chunk.read_bytes())
     data[6] ^= 0xFF  # inside the chunk's table of record offsets

@@ -24,7 +24,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from dit.diffusion import create_diffusion, guided
-from dit.errors import UsageError, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.ema import EMA
 from dit.flops import count_gflops
 from dit.models import DiT, DiT_models
@@ -175,7 +175,7 @@ def benchmark_sampler(args, kwargs, device, dtype):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-XL/2", help="a config of Table 4, e.g. DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256, help="pixels; the latent is 1/8 of it")
     p.add_argument("--batch-size", type=int, default=32, help="per device; 0 = the largest power of 2 that fits")

@@ -5,6 +5,7 @@ The project's own checks raise `UsageError`; `train.py` and every `python -m dit
 exception is a bug and keeps its traceback.
 """
 
+import argparse
 import sys
 
 
@@ -25,3 +26,11 @@ def exit_on_usage_error(main):
     except ONE_LINE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an argument missing, unknown or malformed) are UsageErrors:
+    one line, as every other bad input of the tools, rather than a usage block and a message."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (--help lists the arguments)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dit.checkpoints import AtomicCheckpointIO, load_weights_file, read_checkpoint
-from dit.errors import UsageError, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.manifest import code_version, weights_digest
 from dit.models import backbone_state_dict, describe_state_dict
 
@@ -75,7 +75,7 @@ def check_output(source, output):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a Lightning checkpoint written by train.py")
     parser.add_argument("output", help="where to write the export (.pt); an earlier export there is replaced")
     parser.add_argument("--weights", choices=["ema", "live"], default="ema", help="EMA (default, for sampling) or live")

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.data import META_FILE
-from dit.errors import UsageError, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.vae import encode, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
@@ -168,7 +168,7 @@ def merge_parts(out_dir, part_dirs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image_dir", help="an ImageNet-style folder: <class>/<image>")
     parser.add_argument("out_dir", help="the folder of latent shards to write (data.path of the training config)")
     parser.add_argument("--resolution", type=int, default=256, help="image side after the centre crop (paper: 256 or 512)")

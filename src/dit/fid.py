@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as INCEPTION_URL
 
-from dit.errors import UsageError, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.manifest import read_manifest
 
 POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the pool features, IS the logits
@@ -326,7 +326,7 @@ def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", nargs="?", help="samples: an .npz (arr_0, N×H×W×3 uint8) or a folder of PNGs")
     parser.add_argument("--ref", required=True, help="reference: a folder of real images, an .npz with mu and sigma, or 'digits'")
     parser.add_argument("--inception-weights", help=f"a local copy of {INCEPTION_URL} (default: download it)")

@@ -16,11 +16,11 @@ import json
 from pathlib import Path
 
 from dit import fid, sample
-from dit.errors import exit_on_usage_error
+from dit.errors import ArgumentParser, exit_on_usage_error
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("out_dir")
     parser.add_argument("--ref", required=True, help="as dit.fid: ADM's reference .npz, a stats .npz, or a folder of real images")

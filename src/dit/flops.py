@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit.errors import exit_on_usage_error
+from dit.errors import ArgumentParser, exit_on_usage_error
 from dit.models import CONDITIONINGS, DiT_models
 
 
@@ -53,7 +53,7 @@ def measure(name, conditioning="adaln_zero", image_size=256):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
     args = parser.parse_args(argv)
     rows = [(name, "adaln_zero") for name in DiT_models]

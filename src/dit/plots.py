@@ -14,7 +14,6 @@ Training compute is Gflops × batch × steps × 3, as paper Fig. 9: Gflops count
 one image (a multiply-add = 1 flop), and the backward pass costs about twice the forward.
 """
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -24,7 +23,7 @@ matplotlib.use("Agg")  # files, no display: scripts, CI, notebooks alike
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from dit.errors import UsageError, exit_on_usage_error  # noqa: E402
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 
 LOSS, FID = "train/loss", "val/fid"
 
@@ -142,7 +141,7 @@ def save_figures(runs, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sources", nargs="+", help="run or sweep folders, or wandb:<entity>/<project>")
     parser.add_argument("--out", default="figs", help="folder for the PNGs")
     args = parser.parse_args(argv)

@@ -40,7 +40,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit.diffusion import GUIDANCE_VARIANTS, create_diffusion, guided
-from dit.errors import UsageError, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.checkpoints import load_weights_file
 from dit.manifest import MANIFEST_FILE, code_version, differences, flatten, read_manifest, weights_digest, write_manifest
 from dit.models import DiT
@@ -194,7 +194,7 @@ def parse_classes(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a train.py checkpoint, an export, or the official DiT-XL-2-256x256.pt")
     parser.add_argument("out_dir", help="the folder of PNGs; <out_dir>.npz and the grid <out_dir>.png go beside it")
     parser.add_argument("--num-samples", type=int, default=50_000, help="the paper's FID-50K by default")

@@ -227,10 +227,25 @@ def test_a_damaged_shard_folder_names_the_file(tmp_path):
     (path / "meta.json").write_text("{}")
     with pytest.raises(ValueError, match="meta.json lacks channels, latent_size, num_classes"):
         datamodule(path)
-    (path / "meta.json").write_text(meta)
+    # as shards that record no CRC-32s (or stream from a bucket): decoding is where a bad header shows
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(meta).items() if k != "chunk_crc32"}))
     chunk = path / json.loads(index)["chunks"][1]["filename"]
     data = bytearray(chunk.read_bytes())
     data[6] ^= 0xFF  # inside the chunk's table of record offsets
     chunk.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"shard {chunk} cannot be decoded \(.*\); it is corrupt"):
         list(datamodule(path).train_dataloader())
+
+
+def test_a_changed_byte_inside_a_record_fails_the_chunks_crc(tmp_path):
+    """A flip in a latent's bytes decodes fine and would train on a wrong latent: the CRC-32 that
+    write_shards records in meta.json catches it before training, once a chunk is changed."""
+    path = numbered_shards(tmp_path / "s", n=64)
+    datamodule(path)  # checks every chunk, and remembers that they passed
+    assert json.loads((path / ".checked.json").read_text()).keys() == json.loads((path / "meta.json").read_text())["chunk_crc32"].keys()
+    chunk = path / json.loads((path / "index.json").read_text())["chunks"][2]["filename"]
+    data = bytearray(chunk.read_bytes())
+    data[-3] ^= 0x01  # the last record's posterior
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"shard {chunk} is corrupt: it fails its CRC-32 check"):
+        datamodule(path)

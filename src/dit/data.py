@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import platform
 import struct
+import zlib
 from pathlib import Path
 
 import litdata
@@ -65,7 +66,8 @@ def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
         )
     finally:
         multiprocessing.set_start_method(start_method, force=True)
-    (output_dir / META_FILE).write_text(json.dumps(dict(meta, num_samples=len(records)), indent=2))
+    meta = dict(meta, num_samples=len(records), chunk_crc32=chunk_checksums(output_dir))
+    (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def _to_record(item):
@@ -187,20 +189,56 @@ class LatentDataModule(LightningDataModule):
 
 
 def check_shards(folder):
-    """Every chunk litdata's index names is there and whole (a stat per file, no reading): a
-    truncated or missing shard fails here, naming itself, not deep inside a loader worker."""
+    """Every chunk litdata's index names is there and whole: a missing or truncated chunk (a stat
+    per file) or, where meta.json records the chunks' CRC-32s (`write_shards` and dit.extract
+    write them), a chunk with a changed byte fails here, naming itself, not deep inside a loader
+    worker or silently as a wrong latent. A chunk's CRC is read once: `.checked.json` remembers
+    the size and mtime of the chunks that passed (where the folder can be written)."""
     index = folder / "index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} has no index.json: it is not a folder of litdata shards")
+    expected = read_json(folder / META_FILE).get("chunk_crc32", {}) if (folder / META_FILE).exists() else {}
+    checked_file = folder / ".checked.json"
+    try:
+        checked = json.loads(checked_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        checked = {}
+    passed = {}
     for chunk in read_json(index, "chunks")["chunks"]:
         path = folder / chunk["filename"]
         if not path.exists():
             raise FileNotFoundError(f"shard {path} is missing; restore it or write the shards again")
-        if path.stat().st_size != chunk["chunk_bytes"]:
+        stat = path.stat()
+        if stat.st_size != chunk["chunk_bytes"]:
             raise UsageError(
-                f"shard {path} is truncated or corrupt ({path.stat().st_size} bytes, the index says "
+                f"shard {path} is truncated or corrupt ({stat.st_size} bytes, the index says "
                 f"{chunk['chunk_bytes']}); restore it or write the shards again"
             )
+        if chunk["filename"] in expected:
+            mark = [stat.st_size, stat.st_mtime_ns]
+            if checked.get(chunk["filename"]) != mark and file_crc32(path) != expected[chunk["filename"]]:
+                raise UsageError(f"shard {path} is corrupt: it fails its CRC-32 check (a changed byte); restore it or write the shards again")
+            passed[chunk["filename"]] = mark
+    if passed and passed != checked:
+        try:
+            checked_file.write_text(json.dumps(passed))
+        except OSError:
+            pass  # a read-only folder: the chunks are read again at the next start
+
+
+def file_crc32(path):
+    """CRC-32 of a file, as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def chunk_checksums(folder):
+    """{chunk file name: CRC-32} of every chunk of a shard folder's index, for meta.json."""
+    chunks = read_json(Path(folder) / "index.json", "chunks")["chunks"]
+    return {c["filename"]: file_crc32(Path(folder) / c["filename"]) for c in chunks}
 
 
 def read_json(path, *keys):

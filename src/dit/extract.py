@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dit.data import META_FILE
+from dit.data import META_FILE, file_crc32
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.vae import encode, load_vae
 
@@ -159,7 +159,9 @@ def merge_parts(out_dir, part_dirs):
             chunks.append(dict(chunk, filename=name))
     if config is None:
         raise UsageError(f"no image under {meta['source']} could be decoded; check the folder")
-    meta.update(num_samples=sum(chunk["chunk_size"] for chunk in chunks), skipped=skipped)
+    # with the CRC-32s of the chunks as linked, which dit.data checks before training
+    meta.update(num_samples=sum(chunk["chunk_size"] for chunk in chunks), skipped=skipped,
+                chunk_crc32={chunk["filename"]: file_crc32(out_dir / chunk["filename"]) for chunk in chunks})  # fmt: skip
     for name, content in [("index.json", dict(config=config, chunks=chunks)), (META_FILE, meta)]:
         tmp = out_dir / f"{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(content, indent=1))

@@ -218,20 +218,28 @@ def train(cfg):
     lock = RunLock(out) if owns_run_folder(cfg) else None
     if lock is not None:
         lock.acquire()  # before anything reads or writes the folder: a second process is refused here
-        launch_config(cfg, out)
     try:
+        if lock is not None:
+            launch_config(cfg, out)
         return fit(cfg, out, run_config, summary, lock)
     finally:
         if lock is not None:
-            LAUNCH_CONFIG.unlink(missing_ok=True)
-            LAUNCH_CONFIG = None  # the next job of a multirun writes its own
             lock.release()
+            if LAUNCH_CONFIG is not None:
+                LAUNCH_CONFIG.unlink(missing_ok=True)
+            LAUNCH_CONFIG = None  # the next job of a multirun writes its own
 
 
 def fit(cfg, out, run_config, summary, lock):
     # Where the checkpoint callbacks write (`${output_dir}/checkpoints` unless moved).
     folders = [OmegaConf.select(cfg, f"callbacks.{c}.dirpath") for c in ("stop_checkpoint", "checkpoint")]
-    folders = [Path(f) for f in folders if f and "://" not in str(f)] or [out / "checkpoints"]
+    remote = [f for f in folders if f and "://" in str(f)]
+    if remote:
+        raise UsageError(
+            f"checkpoints go to {remote[0]}: resume=auto and the checks that nothing is overwritten read a local "
+            "or mounted folder; mount the bucket (gcsfuse, s3fs) and give its path"
+        )
+    folders = [Path(f) for f in folders if f] or [out / "checkpoints"]
     if lock is not None:
         for folder in folders:
             remove_stale_temporaries(folder)

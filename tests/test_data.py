@@ -28,7 +28,7 @@ def datamodule(path, world=1, batch=8, **kw):
     args = dict(channels=2, latent_size=4, num_classes=10, global_batch_size=batch * world, num_workers=0,
                 scale_factor=1.0, flip=False)  # fmt: skip
     dm = LatentDataModule(path, **(args | kw))
-    dm.trainer = SimpleNamespace(world_size=world, training=True)
+    dm.trainer = SimpleNamespace(world_size=world, local_rank=0, training=True)
     dm.setup("fit")
     return dm
 

@@ -3,6 +3,7 @@ checkpoints, the non-finite loss guard, and a named run that is never overwritte
 
 import csv
 import json
+import os
 import random
 import re
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dit.checkpoints import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, checkpoint_to_resume, read_checkpoint
+from dit.checkpoints import PREEMPTED_EXIT_CODE, AtomicCheckpointIO, StopCheckpoint, checkpoint_to_resume, read_checkpoint
 from conftest import one_line_error
 from test_training import ROOT, run_train
 
@@ -90,7 +91,21 @@ def run_env():
     return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_both_signals_are_caught():
+    """SIGUSR1 (SLURM's warning signal) takes the path SIGTERM takes end to end below."""
+    stop = StopCheckpoint("unused")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop.on_train_start(None, None)
+        for sig in before:
+            os.kill(os.getpid(), sig)
+            assert stop.received == sig.name
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, sig):
     cmd = [sys.executable, str(ROOT / "train.py"), *args(digits_dir, "trainer.max_steps=100000", "name=pre")]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -49,10 +49,11 @@ def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
     lock.release()
 
 
-def launch(sweep, *jobs):
-    """One launch of a sweep: Hydra writes multirun.yaml, then resolves each job's folder."""
+def launch(sweep, command, *jobs):
+    """One launch of a sweep: Hydra writes multirun.yaml (with the command line's overrides), then
+    resolves each job's folder."""
     sweep.mkdir(exist_ok=True)
-    (sweep / "multirun.yaml").write_text("")
+    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": {"task": command}, "sweeper": {"params": None}}}))
     stamp = time.time_ns() + 10**9 * len(list(sweep.glob("*/.claimed-in-launch-*")))  # a new mtime per launch
     os.utime(sweep / "multirun.yaml", ns=(stamp, stamp))
     return [sweep_job_folder(sweep, num, overrides) for num, overrides in enumerate(jobs)]
@@ -61,13 +62,34 @@ def launch(sweep, *jobs):
 def test_sweep_jobs_find_their_folders_again(tmp_path):
     sweep = tmp_path / "sw"
     a, b = ["model=dit_s", "name=sw"], ["model=dit_b", "name=sw"]
-    assert launch(sweep, a, b) == ["0", "1"]
-    assert launch(sweep, a, b) == ["0", "1"]  # resolving again: the same
+    assert launch(sweep, ["model=dit_s,dit_b", "name=sw"], a, b) == ["0", "1"]
+    assert launch(sweep, ["model=dit_s,dit_b", "name=sw"], a, b) == ["0", "1"]  # launched again: the same
     # reordered, extended with max_steps and resume=auto, one job added: each finds its own
     more = ["trainer.max_steps=800000", "resume=auto"]
-    assert launch(sweep, [*b, *more], ["model=dit_l", "name=sw", *more], [*a, *more]) == ["1", "2", "0"]
-    # two jobs that differ only in a launch setting never share a folder
-    assert launch(tmp_path / "steps", ["trainer.max_steps=1000"], ["trainer.max_steps=2000"]) == ["0", "1"]
-    assert launch(tmp_path / "steps", ["trainer.max_steps=2000"], ["trainer.max_steps=1000"]) == ["1", "0"]
-    # ... and a third length cannot tell which to extend: a folder of its own
-    assert launch(tmp_path / "steps", ["trainer.max_steps=3000"]) == ["2"]
+    command = ["model=dit_b,dit_l,dit_s", "name=sw", *more]
+    assert launch(sweep, command, [*b, *more], ["model=dit_l", "name=sw", *more], [*a, *more]) == ["1", "2", "0"]
+
+
+def test_jobs_that_differ_in_a_swept_launch_setting_keep_their_folders(tmp_path):
+    steps = tmp_path / "steps"
+    assert launch(steps, ["trainer.max_steps=100"], ["trainer.max_steps=100"]) == ["0"]
+    # now swept: the 100-step job is the finished one, the 200-step job a new one (not an extension of it)
+    assert launch(steps, ["trainer.max_steps=200,100"], ["trainer.max_steps=200"], ["trainer.max_steps=100"]) == ["1", "0"]
+    # not swept, raised: which of the two to extend is not clear, a folder of its own
+    assert launch(steps, ["trainer.max_steps=300"], ["trainer.max_steps=300"]) == ["2"]
+
+
+def test_processes_of_one_job_resolve_to_one_folder(tmp_path):
+    """SLURM's tasks of a job (or a pod's hosts) resolve the job's folder at the same moment."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": {"task": ["seed=0,1"]}, "sweeper": {}}}))
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda task: sweep_job_folder(sweep, task // 4, [f"seed={task // 4}"]), range(8)))
+    assert folders == ["0"] * 4 + ["1"] * 4
+
+
+def test_without_a_record_of_the_launch_jobs_keep_hydras_numbers(tmp_path):
+    assert [sweep_job_folder(tmp_path, n, [f"seed={1 - n}"]) for n in (0, 1)] == ["0", "1"]

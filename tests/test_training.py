@@ -41,9 +41,17 @@ CONDITIONINGS, DATA = ["adaln_zero", "adaln", "cross_attn", "in_context"], ["ima
 
 
 @pytest.mark.parametrize("data", DATA)
-def test_every_config_combination_composes_and_builds(data, tmp_path):
-    for model, patch, conditioning in itertools.product(MODELS, PATCHES, CONDITIONINGS):
-        cfg = compose_cfg([f"model={model}", f"patch={patch}", f"conditioning={conditioning}", f"data={data}"], tmp_path)
+def test_every_model_patch_and_conditioning_composes_and_builds(data, tmp_path):
+    """Each size × patch, and each conditioning design on each size (the groups are independent:
+    their full product would compose the same files 60 times per data config)."""
+    combos = [(m, p, "adaln_zero") for m, p in itertools.product(MODELS, PATCHES)]
+    combos += [(m, "2", c) for m, c in itertools.product(MODELS, CONDITIONINGS) if c != "adaln_zero"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        configs = {combo: compose("train", overrides=[f"model={combo[0]}", f"patch={combo[1]}", f"conditioning={combo[2]}",
+                                                      f"data={data}"])  # fmt: skip
+                   for combo in combos}
+    for (model, patch, conditioning), cfg in configs.items():
         with torch.device("meta"):
             net = DiT(**cfg.model)
         assert (net.patch_size, net.conditioning, net.input_size) == (int(patch), conditioning, cfg.data.latent_size)

@@ -138,7 +138,7 @@ class LatentDataModule(LightningDataModule):
                 f"data folder {folder} {what}: point data.path at a folder of latent shards "
                 "(written by dit.data.write_shards)"
             )
-        check_shards(folder)
+        check_shards(folder, read_chunks=self.trainer is None or self.trainer.local_rank == 0)
         meta = read_json(folder / META_FILE, "channels", "latent_size", "num_classes")
         for key in ("channels", "latent_size", "num_classes"):
             if meta[key] != self.hparams[key]:
@@ -188,12 +188,13 @@ class LatentDataModule(LightningDataModule):
         return sample_latents(batch["posterior"], self.flip, self.scale_factor), batch["label"]
 
 
-def check_shards(folder):
+def check_shards(folder, read_chunks=True):
     """Every chunk litdata's index names is there and whole: a missing or truncated chunk (a stat
     per file) or, where meta.json records the chunks' CRC-32s (`write_shards` and dit.extract
     write them), a chunk with a changed byte fails here, naming itself, not deep inside a loader
     worker or silently as a wrong latent. A chunk's CRC is read once: `.checked.json` remembers
-    the size and mtime of the chunks that passed (where the folder can be written)."""
+    the size, mtime and inode of the chunks that passed (where the folder can be written), and
+    only with `read_chunks` (one process per node: the others stat the files)."""
     index = folder / "index.json"
     if not index.exists():
         raise FileNotFoundError(f"{folder} has no index.json: it is not a folder of litdata shards")
@@ -201,7 +202,7 @@ def check_shards(folder):
     checked_file = folder / ".checked.json"
     try:
         checked = json.loads(checked_file.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, ValueError):  # none yet, or unreadable: rebuilt
         checked = {}
     passed = {}
     for chunk in read_json(index, "chunks")["chunks"]:
@@ -214,8 +215,8 @@ def check_shards(folder):
                 f"shard {path} is truncated or corrupt ({stat.st_size} bytes, the index says "
                 f"{chunk['chunk_bytes']}); restore it or write the shards again"
             )
-        if chunk["filename"] in expected:
-            mark = [stat.st_size, stat.st_mtime_ns]
+        if chunk["filename"] in expected and read_chunks:
+            mark = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]  # a copy (cp -a, rsync -a) is a new inode
             if checked.get(chunk["filename"]) != mark and file_crc32(path) != expected[chunk["filename"]]:
                 raise UsageError(f"shard {path} is corrupt: it fails its CRC-32 check (a changed byte); restore it or write the shards again")
             passed[chunk["filename"]] = mark

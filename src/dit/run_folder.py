@@ -43,15 +43,28 @@ class RunLock:
         self._stop = threading.Event()
         self._heartbeat = None
 
+    def _guard(self):
+        """The flock that serialises taking and dropping the lock (open it with `with`)."""
+        guard = open(self.path.with_name(f"{LOCK_FILE}.guard"), "a")
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        except OSError as err:  # e.g. Lustre mounted without flock: ENOSYS
+            guard.close()
+            raise UsageError(
+                f"{self.path.parent} cannot be locked ({err.strerror or err}: this file system has no flock); "
+                "train there with lock_run=false, and make sure no second process starts on the same run"
+            ) from None
+        return guard
+
     def acquire(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f"{LOCK_FILE}.guard"), "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
+        with self._guard():
             if self.path.exists():
                 self._take_over_if_stale()
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            self.record = dict(this_process(), started=time.time())
             with os.fdopen(fd, "w") as f:
-                json.dump(dict(this_process(), started=time.time()), f)
+                json.dump(self.record, f)
         self.held = True
         self._heartbeat = threading.Thread(target=self._refresh, name="run-lock-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -65,10 +78,12 @@ class RunLock:
                 pass  # the folder went away or is read-only for now; the next beat tries again
 
     def _take_over_if_stale(self):
-        age = time.time() - self.path.stat().st_mtime
         try:
+            age = time.time() - self.path.stat().st_mtime
             owner = json.loads(self.path.read_text())
             pid, host = int(owner["pid"]), owner["host"]
+        except FileNotFoundError:  # released meanwhile
+            return
         except (ValueError, KeyError, TypeError):  # empty or half-written: its writer died mid-write
             owner = None
         me = this_process()
@@ -82,7 +97,9 @@ class RunLock:
                     "wait for it to finish or stop it, or give this run another name="
                 )
             why = f"the lock of process {pid}, which is no longer running"
-        elif host == me["host"] and pid == me["pid"]:
+        elif host == me["host"] and pid == me["pid"] and age > 2 * self.REFRESH_S:
+            # a restarted container that got its pid again; a live one (containers of one host name
+            # all start at pid 1) would have refreshed the lock within REFRESH_S
             why = f"the lock of process {pid}, this process's own pid in an earlier container or boot"
         elif age > self.STALE_S:
             why = f"the lock of process {pid} on {host}, not refreshed for {age / 60:.0f} minutes"
@@ -96,11 +113,18 @@ class RunLock:
         self.path.unlink()
 
     def release(self):
-        if self.held:
-            self._stop.set()
-            self._heartbeat.join(timeout=5)
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if not self.held:
+            return
+        self._stop.set()
+        self._heartbeat.join(timeout=5)
+        self.held = False
+        with self._guard():
+            try:
+                ours = json.loads(self.path.read_text()) == self.record
+            except (FileNotFoundError, ValueError):
+                ours = False
+            if ours:  # not a lock another process took over while this one stalled past STALE_S
+                self.path.unlink()
 
 
 def process_alive(pid):
@@ -155,14 +179,27 @@ def checkpoint_bytes(num_params):
     return int(1.05 * 4 * 4 * num_params)
 
 
-def job_key(overrides, ignore=LAUNCH_OVERRIDES):
-    """A sweep job's overrides less those whose keys `ignore` covers, without `+`, sorted."""
+def job_key(overrides, ignore=LAUNCH_OVERRIDES, keep=()):
+    """A sweep job's overrides less those whose keys `ignore` covers (but those in `keep`), without
+    `+`, sorted."""
     kept = []
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if not any(key == k or key.startswith(f"{k}.") for k in ignore):
+        if key in keep or not any(key == k or key.startswith(f"{k}.") for k in ignore):
             kept.append(override.lstrip("+"))
     return sorted(kept)
+
+
+def swept_keys(multirun_yaml):
+    """The keys a launch of a sweep sweeps: its command line's sweep overrides (`patch=2,4`) and
+    the sweeper's params (`experiment=scaling`), from the multirun.yaml Hydra wrote for it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    hydra_cfg = OmegaConf.load(multirun_yaml).hydra
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    keys = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    return keys | set((hydra_cfg.sweeper.get("params") or {}).keys())
 
 
 def sweep_job_folder(sweep_dir, job_num, overrides):
@@ -171,53 +208,77 @@ def sweep_job_folder(sweep_dir, job_num, overrides):
     own folder rather than in whichever had its number:
 
     1. the folder of the job that had these overrides (less name, resume and accept_changes);
-    2. else the one folder of a job that differed only in launch settings (LAUNCH_KEYS:
-       `trainer.max_steps` to extend a sweep, devices, logger, ...), if exactly one did;
+    2. else the one folder of a job that differed only in launch settings that this launch does
+       not sweep (LAUNCH_KEYS: `trainer.max_steps` to extend a sweep, devices, logger, ...);
     3. else the job's number when that folder is free, else the next free number.
 
     Within one launch a folder serves one job: the job claims it with a file named after the
-    launch (the time Hydra wrote the sweep's multirun.yaml), created exclusively, so two jobs that
-    differ only in launch settings (a sweep over trainer.max_steps) never share a folder."""
+    launch (the time Hydra wrote the sweep's multirun.yaml), created exclusively; processes of one
+    job (SLURM tasks, pod hosts) resolve to the same folder. A sweeper that writes no multirun.yaml
+    gets Hydra's numbering (the resume check still refuses another job's checkpoint)."""
     sweep_dir, number = Path(sweep_dir), int(job_num)
-    keys = dict(job_key=job_key(overrides), launch_free_key=job_key(overrides, LAUNCH_OVERRIDES + LAUNCH_KEYS))
     launch = sweep_dir / "multirun.yaml"
-    token_name = f".claimed-in-launch-{launch.stat().st_mtime_ns if launch.exists() else 0}"
+    if not launch.exists():
+        return str(number)
+    loose_ignore = LAUNCH_OVERRIDES + LAUNCH_KEYS
+    swept = swept_keys(launch)
+    exact, loose = job_key(overrides), job_key(overrides, loose_ignore, keep=swept)
+    token_name = f".claimed-in-launch-{launch.stat().st_mtime_ns}"
 
     def claim(folder):
         try:
             fd = os.open(folder / token_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:  # claimed in this launch: by this job before (Hydra resolving again), or another
-            time.sleep(0.1)  # the claim is one small write; let it land
-            return (folder / token_name).read_text() == str(number)
+        except FileExistsError:  # claimed in this launch: by this job (another of its processes), or another job
+            return wait_for(lambda: (folder / token_name).read_text()) == str(number)
         with os.fdopen(fd, "w") as f:
             f.write(str(number))
         return True
 
-    numbered = sorted((int(p.name), p) for p in sweep_dir.glob("*") if p.name.isdigit()) if sweep_dir.is_dir() else []
-    manifests = [(folder, read_manifest(folder) or {}) for _, folder in numbered]
-    for name, key in keys.items():
-        matches = [folder for folder, manifest in manifests if manifest.get(name) == key]
-        if name == "launch_free_key" and len(matches) > 1:
+    numbered = sorted((int(p.name), p) for p in sweep_dir.glob("*") if p.name.isdigit())
+    earlier = [(folder, (read_manifest(folder) or {}).get("overrides")) for _, folder in numbered]
+    earlier = [(folder, theirs) for folder, theirs in earlier if theirs is not None]
+    for loose_rule, ours in [(False, exact), (True, loose)]:
+        matches = [f for f, theirs in earlier if ours == (job_key(theirs, loose_ignore, swept) if loose_rule else job_key(theirs))]
+        if loose_rule and len(matches) > 1:
             break  # which one to continue is not clear: a folder of its own
         for folder in matches:
             if claim(folder):
-                if name == "launch_free_key":
-                    write_manifest(folder, read_manifest(folder) | keys)
                 return folder.name
     after = max([n for n, _ in numbered] + [number]) + 1
     for candidate in itertools.chain([number], itertools.count(after)):
         folder = sweep_dir / str(candidate)
-        if read_manifest(folder) is not None:
+        manifest = read_manifest(folder)
+        if manifest is not None:  # taken: by another process of this job just now, or by another job
+            if job_key(manifest.get("overrides") or []) == exact and claim(folder):
+                return folder.name
             continue
         folder.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(folder / MANIFEST_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:  # claimed by another job meanwhile
+        except FileExistsError:  # claimed meanwhile: by another process of this job, or by another job
+            theirs = wait_for(lambda: read_manifest(folder)["overrides"])
+            if theirs is not None and job_key(theirs) == exact and claim(folder):
+                return folder.name
             continue
         with os.fdopen(fd, "w") as f:
-            json.dump(dict(kind="sweep job", **keys), f)
+            json.dump(dict(kind="sweep job", overrides=list(overrides)), f)
         claim(folder)
         return str(candidate)
+
+
+def wait_for(read, seconds=5.0):
+    """read() once it works (another process is writing what it reads, one small write), else None."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            value = read()
+            if value:
+                return value
+        except (OSError, TypeError, KeyError):
+            pass
+        if time.time() > deadline:
+            return None
+        time.sleep(0.05)
 
 
 def write_run_manifest(folder, config, overrides, resumed_from, accepted):
@@ -226,7 +287,7 @@ def write_run_manifest(folder, config, overrides, resumed_from, accepted):
     manifest = read_manifest(folder) or {}
     manifest.setdefault("run_id", uuid.uuid4().hex[:12])
     manifest.update(kind="training run", config_hash=digest(run_identity(config)), code=code_version())
-    manifest.update(job_key=job_key(overrides), launch_free_key=job_key(overrides, LAUNCH_OVERRIDES + LAUNCH_KEYS))
+    manifest["overrides"] = list(overrides)  # the latest launch's: how a sweep rerun finds this folder
     manifest.setdefault("launches", []).append(
         dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), pid=os.getpid(),
              overrides=list(overrides), resumed_from=resumed_from, accepted_changes=accepted or None)  # fmt: skip

@@ -93,3 +93,24 @@ def test_processes_of_one_job_resolve_to_one_folder(tmp_path):
 
 def test_without_a_record_of_the_launch_jobs_keep_hydras_numbers(tmp_path):
     assert [sweep_job_folder(tmp_path, n, [f"seed={1 - n}"]) for n in (0, 1)] == ["0", "1"]
+
+
+def test_a_process_finds_the_folder_another_process_of_its_job_took_meanwhile(tmp_path, monkeypatch):
+    """The race of SLURM tasks made exact: the folder's claim lands between this process's look
+    at the sweep and its own claim."""
+    from dit import run_folder
+
+    sweep = tmp_path / "sw"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": {"task": ["seed=0,1"]}, "sweeper": {}}}))
+    (sweep / "0" / "manifest.json").write_text(json.dumps({"kind": "sweep job", "overrides": ["seed=0"]}))
+    real, first = run_folder.read_manifest, []
+
+    def late(folder):  # the first look, before the other process's claim landed
+        if not first:
+            first.append(folder)
+            return None
+        return real(folder)
+
+    monkeypatch.setattr(run_folder, "read_manifest", late)
+    assert sweep_job_folder(sweep, 0, ["seed=0"]) == "0"

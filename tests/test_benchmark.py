@@ -39,7 +39,7 @@ def test_benchmark_command_on_cpu(tmp_path, capsys):
 
 def test_xl2_flops_per_image():
     """The figure MFU rests on: DiT-XL/2 at 256px is 118.6 Gflops in the paper's convention (MACs),
-    so 237 GFLOP forward and 712 GFLOP per trained image (shared/DIT_FACTS.md)."""
+    so 237 GFLOP forward and 712 GFLOP per trained image (3 × forward: backward costs 2×)."""
     with torch.device("meta"):
         forward = 2 * count_gflops(DiT(**model_kwargs("DiT-XL/2", 256)))
     assert forward == pytest.approx(237.3, abs=0.2) and 3 * forward == pytest.approx(712, abs=1)

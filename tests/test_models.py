@@ -93,7 +93,7 @@ def test_flops_command_prints_whole_table(capsys):
 
 
 def official_keys(depth, D, patch, tokens, out_channels=8, classes=1000):
-    """The state-dict layout of the official DiT (shared/DIT_FACTS.md §1), written out by hand."""
+    """The state-dict layout of the official DiT (its models.py), written out by hand."""
     keys = {
         "pos_embed": (1, tokens, D),
         "x_embedder.proj.weight": (D, 4, patch, patch),

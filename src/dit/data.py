@@ -1,7 +1,7 @@
 """Precomputed VAE latents, streamed from litdata shards.
 
 The official recipe encodes every image with the VAE at every step and samples a fresh latent from
-its posterior, with horizontal flips as the only augmentation (shared/DIT_FACTS.md §3). Here each
+its posterior, with horizontal flips as the only augmentation (the official train.py). Here each
 record holds the posterior (mean and std) of an image AND of its mirror image, encoded once; each
 time a sample is drawn one of the two is picked and a latent is sampled from it — the same
 distribution of training inputs, at no VAE cost:

@@ -1,5 +1,5 @@
 """The Gaussian diffusion DiT trains and samples with: Improved DDPM (Nichol & Dhariwal, 2021) as the
-official code configures it (paper §3, "Diffusion formulation"; shared/DIT_FACTS.md §2).
+official code configures it (paper §3, "Diffusion formulation"; the official diffusion/ package).
 
 Plain torch, no Lightning, so notebooks, the sampler and XLA share it. The official code's few lines
 work the same here:

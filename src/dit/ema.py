@@ -1,4 +1,4 @@
-"""The EMA of the weights (decay 0.9999, updated after every step: paper §4, DIT_FACTS §3) as
+"""The EMA of the weights (decay 0.9999, updated after every step: paper §4, the official train.py) as
 Lightning's `WeightAveraging`, with an update that never waits for the device.
 
 torch's `AveragedModel.update_parameters` keeps its count of updates in a device tensor and tests

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m dit.extract imagenet/train latents/imagenet_256      # 8 GPUs
     python -m dit.extract imagenet/train latents/imagenet_512 --resolution 512 --vae mse --precision bf16
 
-Each image goes through the official preprocessing (ADM's centre crop, DIT_FACTS.md §3), and the
+Each image goes through the official preprocessing (ADM's centre crop, as the official train.py), and the
 Stable Diffusion VAE encodes it and its mirror image; a record keeps both posteriors (mean, std) and
 the label, so training samples a fresh latent and a random flip at every draw as the official
 train.py does, without running the VAE (dit.data). Classes are the sorted sub-folder names, as

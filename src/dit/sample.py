@@ -1,5 +1,5 @@
 """Sample from a DiT checkpoint: a folder of PNGs, a grid, and the .npz that ADM's evaluation suite
-reads (`arr_0`, N×H×W×3 uint8), as the official sample_ddp.py (DIT_FACTS.md §4).
+reads (`arr_0`, N×H×W×3 uint8), as the official sample_ddp.py.
 
     # FID-50K of the headline (paper Table 2): cfg 1.5, 250 DDPM steps, ft-EMA decoder, all GPUs
     python -m dit.sample DiT-XL-2-256x256.pt samples/xl2-256-cfg1.5 --num-samples 50000 --cfg-scale 1.5 --vae ema

@@ -128,19 +128,24 @@ def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, s
     assert read_checkpoint(tmp_path / "outputs" / "pre" / "checkpoints" / "last.ckpt")["global_step"] == ckpt["global_step"] + 3
 
 
-def test_named_run_is_never_overwritten(tmp_path, digits_dir):
+def test_named_run_is_never_overwritten(tmp_path, digits_dir, capsys):
+    import train
+    from test_training import compose_cfg
+
     first = run_train(args(digits_dir, "trainer.max_steps=10", "name=mine"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_train(args(digits_dir, "trainer.max_steps=10", "name=mine"), cwd=tmp_path)
     assert second.returncode == 2 and one_line_error(second.stderr, "already holds checkpoints of an earlier run; pass resume=auto")
-    third = run_train(args(digits_dir, "trainer.max_steps=10", "resume=auto"), cwd=tmp_path)
-    assert third.returncode == 2 and one_line_error(third.stderr, "give the run a name (name=...)")
+    run_dir = tmp_path / "outputs" / "mine"
+    step10 = run_dir / "checkpoints" / "step=0000010.ckpt"
+    stamp = step10.stat().st_mtime_ns
+    for extra, message in [(["resume=auto"], "give the run a name (name=...)"),
+                           (["name=mine", f"resume='{step10}'"], "would be overwritten")]:  # fmt: skip
+        with pytest.raises(SystemExit):  # in this process: the same train.py main, without an interpreter's start
+            train.main(compose_cfg(args(digits_dir, "trainer.max_steps=12", *extra), run_dir if "name=mine" in extra else tmp_path))
+        one_line_error(capsys.readouterr().err, message)
     # resume=<path>, with the '=' of the run's own checkpoint names typed as is: a branch in a new
     # folder, never a write into a run that holds checkpoints
-    step10 = tmp_path / "outputs" / "mine" / "checkpoints" / "step=0000010.ckpt"
-    stamp = step10.stat().st_mtime_ns
-    into = run_train(args(digits_dir, "trainer.max_steps=12", "name=mine", f"resume={step10}"), cwd=tmp_path)
-    assert into.returncode == 2 and one_line_error(into.stderr, "would be overwritten", "another name=")
     branch = run_train(args(digits_dir, "trainer.max_steps=12", "name=branch", f"resume={step10}"), cwd=tmp_path)
     assert branch.returncode == 0, branch.stderr[-3000:]
     assert read_checkpoint(tmp_path / "outputs" / "branch" / "checkpoints" / "last.ckpt")["global_step"] == 12

@@ -1,10 +1,10 @@
 """Train a DiT. Every knob lives in conf/; this file only assembles the objects the config names.
 
-    python train.py experiment=quickstart                            # digits on the CPU, minutes
-    python train.py model=dit_xl patch=2 trainer=gpu                 # DiT-XL/2, one GPU
-    python train.py experiment=dit_xl2_256 trainer=ddp               # the paper's headline run
-    python train.py -m model=dit_s,dit_b,dit_l,dit_xl patch=2,4,8    # Table 4 grid (multirun)
-    python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on SLURM
+python train.py experiment=quickstart                            # digits on the CPU, minutes
+python train.py model=dit_xl patch=2 trainer=gpu                 # DiT-XL/2, one GPU
+python train.py experiment=dit_xl2_256 trainer=ddp               # the paper's headline run
+python train.py -m model=dit_s,dit_b,dit_l,dit_xl patch=2,4,8    # Table 4 grid (multirun)
+python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on SLURM
 """
 
 import netrc
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import lightning.pytorch.strategies.launchers.subprocess_script as lightning_launcher
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -26,12 +25,19 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dit.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
 from dit.errors import ONE_LINE_ERRORS, USAGE_EXIT_CODE, UsageError
-from dit.flops import describe
-from dit.manifest import changed_keys, differences, fixed, run_identity
-from dit.models import DiT, config_name
-from dit.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
+from dit.models import SIZES, config_name
+from dit.models.flops import describe
+from dit.platform.compat import replace_hydra_subprocess_command
+from dit.training.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
+from dit.training.manifest import changed_keys, differences, fixed, run_identity
+from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
+
+
+def model_name(size, depth, width, patch):
+    """The paper's name of a model config, e.g. DiT-XL/2: its size, or its depth and width where given."""
+    table = SIZES.get(size, (None, None, None))
+    return config_name(depth or table[0], width or table[1], patch)
 
 
 def wandb_offline():
@@ -88,16 +94,22 @@ def pod_run_folder(shared_dir, kind, name):
     A missing value exits with one sentence: Hydra resolves this folder before calling main(), and
     an exception there prints some 70 lines of OmegaConf's trace around it."""
     if not shared_dir:
-        sys.exit("trainer=tpu_v3_pod needs shared_dir=<a folder every host mounts>, where the run and its checkpoints live")
+        sys.exit(
+            "trainer=tpu_v3_pod needs shared_dir=<a folder every host mounts>, where the run and its checkpoints live"
+        )
     if not name:
-        sys.exit("trainer=tpu_v3_pod needs name=<run name>: timestamps differ between hosts, a name gives them one run folder")
+        sys.exit(
+            "trainer=tpu_v3_pod needs name=<run name>: timestamps differ between hosts, a name gives them one run folder"
+        )
     return os.path.join(shared_dir, kind, name)
 
 
-lightning_launcher._hydra_subprocess_cmd = ddp_child_command
+replace_hydra_subprocess_command(ddp_child_command)
 OmegaConf.register_new_resolver("run_folder", lambda name, stamp: name or stamp, replace=True)
 OmegaConf.register_new_resolver("pod_run_folder", pod_run_folder, replace=True)
-OmegaConf.register_new_resolver("dit_name", lambda depth, width, patch: config_name(depth, width, patch), replace=True)
+OmegaConf.register_new_resolver(
+    "dit_name", lambda size, depth, width, patch: model_name(size, depth, width, patch), replace=True
+)
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 OmegaConf.register_new_resolver("sweep_group", sweep_group, replace=True)
 OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder, replace=True)
@@ -139,7 +151,9 @@ def check_config(cfg):
         try:
             import torch_xla  # noqa: F401
         except ImportError:
-            raise UsageError(f'{preset} needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)') from None
+            raise UsageError(
+                f'{preset} needs torch_xla: pip install -e ".[tpu]" (torch 2.9.1 + torch_xla 2.9.0)'
+            ) from None
         from lightning.fabric.accelerators.xla import XLAAccelerator
 
         try:
@@ -206,7 +220,7 @@ def train(cfg):
     check_config(cfg)  # before anything reads the values it checks
     L.seed_everything(cfg.seed, workers=True)
     with torch.device("meta"):
-        summary = describe(DiT(**cfg.model))
+        summary = describe(instantiate(cfg.model))
     print(
         f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
         f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
@@ -276,8 +290,14 @@ def fit(cfg, out, run_config, summary, lock):
     for logger in loggers:
         # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
         logger.log_hyperparams(
-            dict(model_name=summary["name"], patch=cfg.model.patch_size, conditioning=summary["conditioning"],
-                 gflops=summary["gflops"], params=summary["params"], tokens=summary["tokens"])  # fmt: skip
+            dict(
+                model_name=summary["name"],
+                patch=cfg.model.patch_size,
+                conditioning=summary["conditioning"],
+                gflops=summary["gflops"],
+                params=summary["params"],
+                tokens=summary["tokens"],
+            )  # fmt: skip
         )
     ddp_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dit.fid import random_inception
-from dit.vae import tiny_vae
+from dit.data.vae import tiny_vae
+from dit.evaluation.fid import random_inception
 
 
 def main():

@@ -2,8 +2,8 @@
 # Issue #5's pipeline end to end on 2 GPUs, with random stand-ins for the weights that need a
 # download (benchmarks/fid_pipeline_fixtures.py): extraction over 2 GPUs (torchrun, bf16) and on 1
 # (fp32) with their posteriors compared; DDP training on the extracted latents with the FID monitor
-# on both ranks; dit.sample (compiled) on 1 and on 2 GPUs, compared byte for byte, and eager;
-# dit.fid of the samples against the image folder. Run from the repository root:
+# on both ranks; dit.evaluation.sample (compiled) on 1 and on 2 GPUs, compared byte for byte, and eager;
+# dit.evaluation.fid of the samples against the image folder. Run from the repository root:
 #   bash benchmarks/fid_pipeline_on_gpus.sh 0 1        # the two GPUs to use
 set -euo pipefail
 : "${2:?usage: bash benchmarks/fid_pipeline_on_gpus.sh GPU GPU (two GPU indices, e.g. 0 1)}"
@@ -30,12 +30,12 @@ PY
   data.num_classes=4 data.global_batch_size=32 data.num_workers=2 "data.sample_classes=[0,1]" trainer.max_steps=20 \
   trainer.log_every_n_steps=5 trainer.val_check_interval=20 logger=csv name=fidrun callbacks=fid callbacks.fid.ref="$F/imgs" \
   callbacks.fid.inception_weights="$F/inception.pth" callbacks.fid.vae="$F/vae" callbacks.fid.num_samples=40 \
-  callbacks.fid.every_n_steps=10 'callbacks.fid.steps="10"' callbacks.fid.batch_size=16 2>&1 | tee "$F/train.log" | grep "FID")
+  callbacks.fid.every_n_steps=10 'sampler.steps="10"' callbacks.fid.batch_size=16 2>&1 | tee "$F/train.log" | grep "FID")
 CK=$F/outputs/fidrun/checkpoints/last.ckpt
-S="--num-samples 40 --batch-size 16 --sampler ddpm20 --vae $F/vae"
+S="--num-samples 40 --batch-size 16 sampler=ddpm sampler.steps=20 --vae $F/vae"
 CUDA_VISIBLE_DEVICES=$1 $PY -m dit.sample "$CK" "$F/s1" $S --devices 1
 CUDA_VISIBLE_DEVICES=$G $PY -m dit.sample "$CK" "$F/s2" $S --devices 2
-CUDA_VISIBLE_DEVICES=$1 $PY -m dit.sample "$CK" "$F/s0" $S --devices 1 --compile off
+CUDA_VISIBLE_DEVICES=$1 $PY -m dit.sample "$CK" "$F/s0" $S --devices 1 --compile false
 $PY -c "
 import numpy as np
 one, two, eager = (np.load('$F/' + x + '.npz')['arr_0'].astype(int) for x in ('s1', 's2', 's0'))

@@ -73,7 +73,11 @@ def summarize(trace, steps=1):
     ms = 1e-3 / steps
     # The GPU's longest idle stretches, and what the host was doing then: the CPU-side ops that
     # began in the gap (the launching the GPU waited for) and any call that waited on the device.
-    host = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation")]
+    host = [
+        e
+        for e in trace["traceEvents"]
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "cuda_runtime", "user_annotation")
+    ]
     gaps = sorted(((b[0] - a[1], a[1], b[0]) for a, b in zip(busy, busy[1:])), reverse=True)[:6]
     idle = []
     for length, start, end in gaps:
@@ -103,12 +107,16 @@ def report(s, train_gflop_per_step=None):
     for kind, t in s["kinds_ms"].items():
         print(f"    {kind:<16} {t:8.2f} ms")
     if s["nccl_ms"]:
-        print(f"  NCCL {s['nccl_ms']:.2f} ms a step, {s['nccl_alongside_compute_ms']:.2f} ms of it while compute kernels ran")
+        print(
+            f"  NCCL {s['nccl_ms']:.2f} ms a step, {s['nccl_alongside_compute_ms']:.2f} ms of it while compute kernels ran"
+        )
     if train_gflop_per_step and s["kinds_ms"].get("matmul"):
         print(f"  model FLOPs over matmul + attention kernel time: "
               f"{train_gflop_per_step / (s['kinds_ms']['matmul'] + s['kinds_ms'].get('attention', 0.0)):.0f} TFLOP/s")  # fmt: skip
-    print("  host calls that wait on the device (ms a step): "
-          + (", ".join(f"{k} {v:.2f}" for k, v in s["host_waits_ms"].items()) or "none"))
+    print(
+        "  host calls that wait on the device (ms a step): "
+        + (", ".join(f"{k} {v:.2f}" for k, v in s["host_waits_ms"].items()) or "none")
+    )
     print("  longest GPU idle gaps (ms) and the longest host ops that began in them (ms):")
     for length, ops in s["idle_gaps"]:
         print(f"    {length:6.2f}  " + "; ".join(f"{name[:60]} {d:.2f}" for name, d in ops))

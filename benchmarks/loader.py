@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from dit.data import LatentDataModule
+from dit.data.datamodule import LatentDataModule
 
 
 def main():

@@ -117,9 +117,13 @@ def main(argv=None):
         raise SystemExit("give --devices before `--` (to this script) and no --json after it: each run writes its own")
     if args.global_batch_size is not None:
         if given("--batch-size", bench_args):
-            raise SystemExit("give --global-batch-size or a --batch-size after `--`, not both: it sets each run's batch")
+            raise SystemExit(
+                "give --global-batch-size or a --batch-size after `--`, not both: it sets each run's batch"
+            )
         if any(args.global_batch_size % n for n in args.devices):
-            raise SystemExit(f"--global-batch-size {args.global_batch_size}: give a multiple of each count of --devices")
+            raise SystemExit(
+                f"--global-batch-size {args.global_batch_size}: give a multiple of each count of --devices"
+            )
     results = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for devices, batch in plan(args.devices, args.global_batch_size):

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from dit.data import write_shards
+from dit.data.shards import write_shards
 
 
 def main():

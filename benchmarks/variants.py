@@ -22,11 +22,11 @@ import os
 import sys
 
 import torch
+from kernel_summary import report, summarize
 from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
 
-import dit.benchmark as benchmark
-from kernel_summary import report, summarize
+import dit.tools.benchmark as benchmark
 
 PROFILED_STEPS = 2
 

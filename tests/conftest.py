@@ -15,7 +15,7 @@ os.environ.pop("WANDB_API_KEY", None)
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The digits shards, written once per test session."""
-    from dit.digits import prepare_digits
+    from dit.data.digits import prepare_digits
 
     path = tmp_path_factory.mktemp("data") / "digits"
     prepare_digits(path)
@@ -26,7 +26,7 @@ def digits_dir(tmp_path_factory):
 def random_inception(tmp_path_factory):
     """torch-fidelity's own Inception-v3, randomly initialised, in a file (dit.fid.random_inception):
     the real weights cannot be downloaded here."""
-    from dit.fid import random_inception
+    from dit.evaluation.fid import random_inception
 
     return random_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
 

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import one_line_error
-from dit.errors import UsageError
 from test_training import run_train
+
+from dit.errors import UsageError
 
 BASE = ["experiment=quickstart", "~callbacks.digits_accuracy", "trainer.max_steps=2", "trainer.val_check_interval=1000"]
 
@@ -54,9 +54,13 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path, digits_dir):
     result = run_train([*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}"], cwd=tmp_path)
     assert result.returncode == 2 and one_line_error(result.stderr, "model.conditioning: 'in_context' -> 'adaln_zero'")
     # accepting the change cannot make the weights fit: the model is fixed within a run
-    result = run_train([*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}", "accept_changes=true"], cwd=tmp_path)
+    result = run_train(
+        [*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}", "accept_changes=true"], cwd=tmp_path
+    )
     assert result.returncode == 2 and one_line_error(
-        result.stderr, "settings that a run cannot change (model.conditioning: 'in_context' -> 'adaln_zero')", "module.init_from="
+        result.stderr,
+        "settings that a run cannot change (model.conditioning: 'in_context' -> 'adaln_zero')",
+        "module.init_from=",
     )
 
 
@@ -82,7 +86,10 @@ def test_tpu_preset_without_torch_xla(monkeypatch, tmp_path):
     from test_training import compose_cfg
 
     monkeypatch.setitem(sys.modules, "torch_xla", None)  # as if not installed
-    for preset, extra in ("tpu_v3", []), ("tpu_v3_pod", [f"shared_dir={tmp_path}", "name=pod"]):  # the message names the preset typed
+    for preset, extra in (
+        ("tpu_v3", []),
+        ("tpu_v3_pod", [f"shared_dir={tmp_path}", "name=pod"]),
+    ):  # the message names the preset typed
         cfg = compose_cfg([f"trainer={preset}", *extra], tmp_path)
         with pytest.raises(UsageError, match=rf"trainer={preset} needs torch_xla: pip install -e \".\[tpu\]\""):
             train.check_config(cfg)
@@ -126,7 +133,7 @@ def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
     (random_files / "x.bin").write_bytes(bytes(range(256)))
     broken = tmp_path / "broken"
     shutil.copytree(digits_dir, broken)
-    (broken / "index.json").write_text("{\"chunks\": [")
+    (broken / "index.json").write_text('{"chunks": [')
     for override, message in [
         (f"module.init_from={tmp_path / 'notes.pt'}", "notes.pt is not a readable checkpoint"),
         (f"data.path={random_files}", f"data folder {random_files} holds no meta.json"),
@@ -137,13 +144,13 @@ def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
 
 
 def test_steps_typed_without_quotes_are_accepted(tmp_path, digits_dir):
-    """module.sampling.steps=250 reaches the config as the integer 250; it means "250"."""
+    """sampler.steps=250 reaches the config as the integer 250; it means "250"."""
     import train
     from test_training import compose_cfg
 
-    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "module.sampling.steps=3", "trainer.val_check_interval=2",
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "sampler.steps=3", "trainer.val_check_interval=2",
                        "data.samples_per_class=1", "logger=none"], tmp_path)  # fmt: skip
-    assert cfg.module.sampling.steps == 3
+    assert cfg.module.sampler.steps == 3
     train.main(cfg)
     assert (tmp_path / "samples" / "step_0000002.png").exists()
 
@@ -155,7 +162,9 @@ def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, 
     from test_training import compose_cfg
 
     # /proc refuses new files even to root, as a read-only mount would
-    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "callbacks.checkpoint.dirpath=/proc/dit-checkpoints"], tmp_path)
+    cfg = compose_cfg(
+        [*BASE, f"data.path={digits_dir}", "callbacks.checkpoint.dirpath=/proc/dit-checkpoints"], tmp_path
+    )
     one_line_error(train_error(cfg, capsys), "checkpoints cannot be written to /proc/dit-checkpoints")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 2**20, 2**20))  # 1 MiB free

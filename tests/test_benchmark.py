@@ -3,23 +3,22 @@ can check: activation checkpointing changes nothing but memory, compile choices 
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dit.benchmark import main, model_kwargs
 from dit.diffusion import create_diffusion
-from dit.flops import count_gflops
 from dit.models import DiT
+from dit.models.flops import count_gflops
+from dit.tools.benchmark import main, model_kwargs
 
 
 def test_benchmark_command_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--model", "DiT-S/8", "--image-size", "64", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-          "--sampler", "--sample-steps", "3", "--sample-batch-size", "2", "--json", str(out)])  # fmt: skip
+          "--time-sampler", "sampler.steps=3", "--sample-batch-size", "2", "--json", str(out)])  # fmt: skip
     r = json.loads(out.read_text())
     with torch.device("meta"):
         paper_gflops = count_gflops(DiT(**model_kwargs("DiT-S/8", 64)))
@@ -54,10 +53,17 @@ def test_activation_checkpointing_changes_only_memory(monkeypatch):
         p.data.normal_(0, 0.05)  # not the zero init, so every block matters
     checkpointed.load_state_dict(plain.state_dict())
     diffusion = create_diffusion("")
-    x, t, y, noise = torch.randn(4, 4, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([1, 2, 3, 4]), torch.randn(4, 4, 8, 8)
+    x, t, y, noise = (
+        torch.randn(4, 4, 8, 8),
+        torch.tensor([0, 10, 500, 999]),
+        torch.tensor([1, 2, 3, 4]),
+        torch.randn(4, 4, 8, 8),
+    )
     losses, calls = [], []
     real_checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k)
+    )
     for model in (plain, checkpointed):
         loss = diffusion.training_losses(model.train(), x, t, dict(y=y), noise=noise)["loss"].mean()
         loss.backward()
@@ -70,10 +76,9 @@ def test_activation_checkpointing_changes_only_memory(monkeypatch):
 
 
 def test_unknown_compile_choice_is_refused(tmp_path, digits_dir, capsys):
-    from test_training import quick_cfg
-
-    from conftest import one_line_error
     import train
+    from conftest import one_line_error
+    from test_training import quick_cfg
 
     cfg = quick_cfg(tmp_path, digits_dir, "module.compile=fast", "trainer.max_steps=1", "~callbacks.digits_accuracy")
     with pytest.raises(SystemExit):
@@ -125,7 +130,11 @@ def test_kernel_summary_of_a_trace(benchmark_scripts):
     assert s["nccl_ms"] == pytest.approx(10) and s["nccl_alongside_compute_ms"] == pytest.approx(5)
     assert s["host_waits_ms"] == pytest.approx({"aten::_local_scalar_dense": 6, "cudaStreamSynchronize": 5})
     gap, ops = s["idle_gaps"][0]
-    assert gap == pytest.approx(10) and [name for name, _ in ops] == ["aten::_local_scalar_dense", "cudaStreamSynchronize", "aten::mul"]
+    assert gap == pytest.approx(10) and [name for name, _ in ops] == [
+        "aten::_local_scalar_dense",
+        "cudaStreamSynchronize",
+        "aten::mul",
+    ]
     assert summarize({"traceEvents": [event("aten::mul", 0, 1, "cpu_op")]}) is None  # a CPU run: no kernels
 
 
@@ -151,8 +160,15 @@ def test_scaling_command_runs_each_count_and_kills_a_hung_run(benchmark_scripts,
     runner = tmp_path / "runner.py"
     runner.write_text(FAKE_RUNNER)
     monkeypatch.setenv("CHILD_PID_FILE", str(tmp_path / "child.pid"))
-    results = scaling(["--devices", "2", "4", "3", "--timeout", "5", "--runner", str(runner), "--", "--batch-size", "32"])
-    assert [(d, r and r["train_images_per_sec"]) for (d, _), r in results.items()] == [(1, 100.0), (2, 180.0), (4, None), (3, 240.0)]
+    results = scaling(
+        ["--devices", "2", "4", "3", "--timeout", "5", "--runner", str(runner), "--", "--batch-size", "32"]
+    )
+    assert [(d, r and r["train_images_per_sec"]) for (d, _), r in results.items()] == [
+        (1, 100.0),
+        (2, 180.0),
+        (4, None),
+        (3, 240.0),
+    ]
     out = capsys.readouterr().out
     assert "devices=4: killed after 5.0 s" in out
     rows = out[out.index("devices | batch/device") :].splitlines()[1:]
@@ -186,7 +202,9 @@ def test_scaling_command_at_a_global_batch(benchmark_scripts, tmp_path, monkeypa
     runner = tmp_path / "runner.py"
     runner.write_text(GLOBAL_BATCH_RUNNER)
     monkeypatch.setenv("RUNS_FILE", str(tmp_path / "runs"))
-    results = scaling(["--global-batch-size", "256", "--devices", "2", "4", "--runner", str(runner), "--", "--steps", "3"])
+    results = scaling(
+        ["--global-batch-size", "256", "--devices", "2", "4", "--runner", str(runner), "--", "--steps", "3"]
+    )
     assert (tmp_path / "runs").read_text().split("\n")[:-1] == ["1 128", "2 128", "1 64", "4 64"]
     assert list(results) == [(1, 128), (2, 128), (1, 64), (4, 64)]
     out = capsys.readouterr().out
@@ -218,7 +236,9 @@ def test_scaling_command_refuses_conflicting_batches_and_devices(benchmark_scrip
         scaling(argv)
 
 
-@pytest.mark.parametrize("argv", [["--devices", "0"], ["--devices", "2", "-2"], ["--global-batch-size", "0", "--devices", "2"]])
+@pytest.mark.parametrize(
+    "argv", [["--devices", "0"], ["--devices", "2", "-2"], ["--global-batch-size", "0", "--devices", "2"]]
+)
 def test_scaling_command_refuses_counts_below_one(benchmark_scripts, argv, capsys):
     from scaling import main as scaling
 

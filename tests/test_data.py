@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dit.data import REUSE_BLOCKS, CollateRecords, LatentDataModule, PosteriorView, sample_latents, write_shards
+from dit.data.datamodule import REUSE_BLOCKS, CollateRecords, LatentDataModule, sample_latents
+from dit.data.shards import PosteriorView, write_shards
 
 
 def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
@@ -91,9 +92,9 @@ def test_flip_and_posterior_sampling_statistics():
     torch.manual_seed(0)
     n = 20000
     post = torch.zeros(n, 2, 2, 1, 2, 2)
-    post[:, 0, 0] = 1.0   # image mean
+    post[:, 0, 0] = 1.0  # image mean
     post[:, 1, 0] = -1.0  # flip mean
-    post[:, :, 1] = 0.5   # std of both
+    post[:, :, 1] = 0.5  # std of both
     z = sample_latents(post, flip=True, scale_factor=0.18215)
     centred = z / 0.18215
     picked_flip = (centred.mean(dim=(1, 2, 3)) < 0).float()
@@ -166,7 +167,7 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
     kept = list(loader)
     held = []
     for batch in loader:
-        if loader.reuse_blocks:  # x86 (dit.data.REUSE_BLOCKS)
+        if loader.reuse_blocks:  # x86 (dit.data.datamodule.REUSE_BLOCKS)
             loader.collate.pool[1].fill_(1)  # every block in use from here on
         held.append(batch)
     dataset = StreamingDataset(str(digits_dir), shuffle=True, drop_last=True, seed=3)
@@ -187,7 +188,7 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REUSE_BLOCKS, reason="blocks are reused on x86 only (dit.data.REUSE_BLOCKS)")
+@pytest.mark.skipif(not REUSE_BLOCKS, reason="blocks are reused on x86 only (dit.data.datamodule.REUSE_BLOCKS)")
 def test_spawned_workers_fill_the_pool(tmp_path):
     """Workers started by spawn get the pool pickled with the collate function (fork workers
     inherit it). Slow: each spawned worker imports torch anew (~10 s here); `pytest -m slow`."""
@@ -242,7 +243,10 @@ def test_a_changed_byte_inside_a_record_fails_the_chunks_crc(tmp_path):
     write_shards records in meta.json catches it before training, once a chunk is changed."""
     path = numbered_shards(tmp_path / "s", n=64)
     datamodule(path)  # checks every chunk, and remembers that they passed
-    assert json.loads((path / ".checked.json").read_text()).keys() == json.loads((path / "meta.json").read_text())["chunk_crc32"].keys()
+    assert (
+        json.loads((path / ".checked.json").read_text()).keys()
+        == json.loads((path / "meta.json").read_text())["chunk_crc32"].keys()
+    )
     chunk = path / json.loads((path / "index.json").read_text())["chunks"][2]["filename"]
     data = bytearray(chunk.read_bytes())
     data[-3] ^= 0x01  # the last record's posterior

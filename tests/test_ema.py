@@ -1,11 +1,11 @@
-"""The EMA callback (dit.ema): torch's averaging bit for bit, without reading the device."""
+"""The EMA callback (dit.training.callbacks.ema): torch's averaging bit for bit, without reading the device."""
 
 import pytest
 import torch
 from lightning import LightningModule, Trainer
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dit.ema import EMA, EMAUpdate, HostCountAveragedModel
+from dit.training.callbacks.ema import EMA, EMAUpdate, HostCountAveragedModel
 
 
 def net():

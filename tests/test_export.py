@@ -3,12 +3,12 @@ and never replaces its input, a training checkpoint, or another file."""
 
 import pytest
 import torch
-
 from conftest import one_line_error
+
 from dit.errors import exit_on_usage_error
-from dit.export import main as export_main
-from dit.manifest import weights_digest
 from dit.models import DiT, backbone_state_dict
+from dit.tools.export import main as export_main
+from dit.training.manifest import weights_digest
 
 
 def export_cli(capsys, *args):
@@ -33,7 +33,10 @@ def test_export_rebuilds_the_model_exactly_and_records_its_source(tiny_run, tmp_
     # The official sample.py's find_model loads `checkpoint["ema"]` when there is one: these weights.
     assert export["ema"].keys() == ema.keys()
     live = torch.load(export_main([str(tiny_run), str(tmp_path / "live.pt"), "--weights", "live"]), weights_only=False)
-    assert "ema" not in live and weights_digest(DiT.from_state_dict(live).state_dict()) != export["manifest"]["weights_digest"]
+    assert (
+        "ema" not in live
+        and weights_digest(DiT.from_state_dict(live).state_dict()) != export["manifest"]["weights_digest"]
+    )
 
 
 def test_export_refuses_its_input_a_checkpoint_an_export_and_other_files(tiny_run, tmp_path, capsys):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import dit.extract as extract
-from dit.data import LatentDataModule, check_shards
-from dit.vae import encode, tiny_vae
+import dit.tools.extract as extract
+from dit.data.datamodule import LatentDataModule
+from dit.data.shards import check_shards
+from dit.data.vae import encode, tiny_vae
 
 RESOLUTION = 32  # 4×4 latents: the tiny VAE downsamples 8× like the real one
 
@@ -169,9 +170,14 @@ def test_bf16_posterior_stays_close_to_fp32():
     mean32, std32 = encode(vae, images)
     mean16, std16 = encode(vae.to(torch.bfloat16), images)
     rms = mean32.pow(2).mean().sqrt()
-    mean_error, worst = ((mean16 - mean32).pow(2).mean().sqrt() / rms).item(), ((mean16 - mean32).abs().max() / rms).item()
+    mean_error, worst = (
+        ((mean16 - mean32).pow(2).mean().sqrt() / rms).item(),
+        ((mean16 - mean32).abs().max() / rms).item(),
+    )
     std_error = ((std16 - std32).abs() / std32).max().item()
-    print(f"bf16 vs fp32: RMS(Δmean) = {mean_error:.2%}, max |Δmean| = {worst:.2%} of RMS(mean); max |Δstd|/std = {std_error:.2%}")
+    print(
+        f"bf16 vs fp32: RMS(Δmean) = {mean_error:.2%}, max |Δmean| = {worst:.2%} of RMS(mean); max |Δstd|/std = {std_error:.2%}"
+    )
     assert mean_error < 0.03 and worst < 0.15 and std_error < 0.02
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dit.errors import UsageError
-from dit.fid import digit_images, frechet_distance, inception, load_reference, main, statistics
+from dit.evaluation.fid import digit_images, frechet_distance, inception, load_reference, main, statistics
 
 
 def independent_fid(x, mu_r, sigma_r):
@@ -43,7 +43,11 @@ def test_frechet_distance_against_independent_computations(n, dim):
 
 @pytest.mark.parametrize("n, dim", [(300, 16), (20, 64)])
 def test_identical_sets_give_zero(n, dim):
-    x = torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, dim) + 5
+    x = (
+        torch.randn(n, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        * torch.linspace(0.1, 3, dim)
+        + 5
+    )
     # float64 round-off: the square root of an eigenvalue at 1e-16 relative is 1e-8 relative
     assert abs(frechet_distance(x, statistics(x))) < 1e-6 * np.trace(statistics(x)["sigma"])
     assert frechet_distance(x, statistics(x + 0.5)) == pytest.approx(0.25 * dim, rel=1e-6)  # a shifted mean only
@@ -115,6 +119,7 @@ def test_offline_inception_says_how_to_point_to_a_local_copy(monkeypatch, tmp_pa
 @pytest.mark.parametrize("batch_size", ["1", "64"])
 def test_samples_of_mixed_sizes_or_missing_are_refused(random_inception, tmp_path, capsys, batch_size):
     from conftest import one_line_error
+
     from dit.errors import exit_on_usage_error
 
     folder = tmp_path / "mixed"
@@ -130,10 +135,12 @@ def test_samples_of_mixed_sizes_or_missing_are_refused(random_inception, tmp_pat
 
 
 def test_saved_reference_statistics_say_what_they_were_computed_on(tmp_path):
-    from dit.fid import save_statistics
+    from dit.evaluation.fid import save_statistics
 
     stats = dict(mu=np.zeros(3), sigma=np.eye(3))
     save_statistics(tmp_path / "ref.npz", stats, "imagenet/train", 256)
     assert load_reference(str(tmp_path / "ref.npz"), extractor=None, resolution=256)["mu"].shape == (3,)
-    with pytest.raises(ValueError, match=r"computed on 256×256 images \(of imagenet/train\), but the samples are 512×512"):
+    with pytest.raises(
+        ValueError, match=r"computed on 256×256 images \(of imagenet/train\), but the samples are 512×512"
+    ):
         load_reference(str(tmp_path / "ref.npz"), extractor=None, resolution=512)

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dit.flops import count_gflops, count_params, main as flops_main, measure
 from dit.models import CONDITIONINGS, DiT, DiT_models, describe_state_dict, infer_config
+from dit.models.flops import count_gflops, count_params, measure
+from dit.models.flops import main as flops_main
 
 # Paper Table 4 (256px): Gflops and parameters (M).
 TABLE_4 = {
@@ -18,7 +19,12 @@ TABLE_4 = {
     "DiT-XL/8": (7.39, 676), "DiT-XL/4": (29.05, 675), "DiT-XL/2": (118.64, 675),
 }  # fmt: skip
 # Paper §4 conditioning ablation on XL/2: Gflops and parameters (M).
-ABLATION = {"in_context": (119.37, 449), "cross_attn": (137.62, 598), "adaln": (118.56, 600), "adaln_zero": (118.64, 675)}
+ABLATION = {
+    "in_context": (119.37, 449),
+    "cross_attn": (137.62, 598),
+    "adaln": (118.56, 600),
+    "adaln_zero": (118.64, 675),
+}
 
 
 def tiny(**kwargs):
@@ -226,7 +232,9 @@ def test_output_shape_of_every_config(name, conditioning, latent):
     # Meta tensors run the real forward's shape logic without the compute of the big configs.
     with torch.device("meta"):
         model = DiT_models[name](input_size=latent, conditioning=conditioning).eval()
-        out = model(torch.empty(2, 4, latent, latent), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+        out = model(
+            torch.empty(2, 4, latent, latent), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+        )
     assert out.shape == (2, 8, latent, latent)
     assert model.name == name
 
@@ -277,7 +285,9 @@ def test_checkpoint_roundtrip_builds_the_right_config():
     # Weights do not record the head count: off the paper's widths it is unknown, never guessed.
     assert cfg == dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=None,
                        num_classes=7, learn_sigma=False, conditioning="cross_attn")  # fmt: skip
-    with pytest.raises(ValueError, match="width 64, off the paper's table, and does not record its head count: pass num_heads="):
+    with pytest.raises(
+        ValueError, match="width 64, off the paper's table, and does not record its head count: pass num_heads="
+    ):
         DiT.from_state_dict({"ema": donor.state_dict(), "opt": {}})
     model = DiT.from_state_dict({"ema": donor.state_dict(), "opt": {}}, num_heads=4)
     x = torch.randn(2, 3, 8, 8)

@@ -7,7 +7,6 @@ autocast-sensitive ops, on fp32 tensors)."""
 import csv
 
 import torch
-
 import train
 from test_training import quick_cfg
 

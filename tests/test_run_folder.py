@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dit.run_folder import RunLock, sweep_job_folder, this_process
+from dit.training.run_folder import RunLock, sweep_job_folder, this_process
 
 
 def write_lock(folder, **owner):
@@ -53,7 +53,9 @@ def launch(sweep, command, *jobs):
     """One launch of a sweep: Hydra writes multirun.yaml (with the command line's overrides), then
     resolves each job's folder."""
     sweep.mkdir(exist_ok=True)
-    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": {"task": command}, "sweeper": {"params": None}}}))
+    (sweep / "multirun.yaml").write_text(
+        json.dumps({"hydra": {"overrides": {"task": command}, "sweeper": {"params": None}}})
+    )
     stamp = time.time_ns() + 10**9 * len(list(sweep.glob("*/.claimed-in-launch-*")))  # a new mtime per launch
     os.utime(sweep / "multirun.yaml", ns=(stamp, stamp))
     return [sweep_job_folder(sweep, num, overrides) for num, overrides in enumerate(jobs)]
@@ -74,7 +76,10 @@ def test_jobs_that_differ_in_a_swept_launch_setting_keep_their_folders(tmp_path)
     steps = tmp_path / "steps"
     assert launch(steps, ["trainer.max_steps=100"], ["trainer.max_steps=100"]) == ["0"]
     # now swept: the 100-step job is the finished one, the 200-step job a new one (not an extension of it)
-    assert launch(steps, ["trainer.max_steps=200,100"], ["trainer.max_steps=200"], ["trainer.max_steps=100"]) == ["1", "0"]
+    assert launch(steps, ["trainer.max_steps=200,100"], ["trainer.max_steps=200"], ["trainer.max_steps=100"]) == [
+        "1",
+        "0",
+    ]
     # not swept, raised: which of the two to extend is not clear, a folder of its own
     assert launch(steps, ["trainer.max_steps=300"], ["trainer.max_steps=300"]) == ["2"]
 
@@ -98,7 +103,7 @@ def test_without_a_record_of_the_launch_jobs_keep_hydras_numbers(tmp_path):
 def test_a_process_finds_the_folder_another_process_of_its_job_took_meanwhile(tmp_path, monkeypatch):
     """The race of SLURM tasks made exact: the folder's claim lands between this process's look
     at the sweep and its own claim."""
-    from dit import run_folder
+    from dit.training import run_folder
 
     sweep = tmp_path / "sw"
     (sweep / "0").mkdir(parents=True)

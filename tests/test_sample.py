@@ -11,13 +11,13 @@ import nbformat
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from nbclient import NotebookClient
 from PIL import Image
 
-from conftest import one_line_error
+from dit.data.vae import tiny_vae
+from dit.evaluation.sample import main as sample_main
 from dit.models import DiT
-from dit.sample import main as sample_main
-from dit.vae import tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def run_sample(*args):
 
 
 def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path):
-    common = [tiny_run, "--num-samples", 7, "--batch-size", 2, "--sampler", "ddim10", "--cfg-scale", 4,
+    common = [tiny_run, "--num-samples", 7, "--batch-size", 2, "sampler=ddim", "sampler.steps=ddim10", "--guidance-scale", 4,
               "--accelerator", "cpu", "--seed", 3]  # fmt: skip
     sample_main([str(a) for a in [common[0], tmp_path / "one", *common[1:], "--devices", 1]])  # in this process
     two = run_sample(common[0], tmp_path / "two", *common[1:], "--devices", 2)
@@ -53,7 +53,7 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
     torch.save(model.state_dict(), tmp_path / "export.pt")
     tiny_vae().save_pretrained(tmp_path / "vae")
     args = [str(tmp_path / "export.pt"), str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
-            "--sampler", "ddim5", "--vae", str(tmp_path / "vae"), "--classes", "3,1", "--cfg-scale", "1.5",
+            "sampler=ddim", "sampler.steps=ddim5", "--vae", str(tmp_path / "vae"), "--classes", "3,1", "--guidance-scale", "1.5",
             "--guidance", "all_channels", "--num-heads", "1", "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
     sample_main(args)
     first = np.load(tmp_path / "s.npz")["arr_0"]
@@ -72,8 +72,10 @@ def test_class_grid_notebook(tiny_run, monkeypatch):
     """notebooks/class_grid.ipynb runs top to bottom on the tiny run's checkpoint (nbclient, python3)."""
     notebook = nbformat.read(ROOT / "notebooks" / "class_grid.ipynb", as_version=4)
     parameters = notebook.cells[1]
-    assert '"ddpm250"' in parameters.source
-    parameters.source = parameters.source.replace('"ddpm250"', '"ddim20"')  # seconds, not a minute, on 2 cores
+    assert 'DDPM(steps="250")' in parameters.source
+    parameters.source = parameters.source.replace(
+        'DDPM(steps="250")', 'DDIM(steps="ddim20")'
+    )  # seconds, not a minute, on 2 cores
     monkeypatch.setenv("DIT_CHECKPOINT", str(tiny_run))
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
     NotebookClient(notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
@@ -83,19 +85,26 @@ def test_class_grid_notebook(tiny_run, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the grid is shown
 
 
+def cpu_ddim5(num_samples, batch_size):
+    """dit.sample's arguments for a few samples of 5 DDIM steps on one CPU process."""
+    return ["--num-samples", str(num_samples), "--batch-size", str(batch_size), "sampler=ddim", "sampler.steps=ddim5",
+            "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
+
+
 def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, capsys):
     """dit.fid50k = dit.sample then dit.fid on its .npz; against a folder of the same images the
     FID is ~0 and precision/recall are computed (the reference holds images)."""
-    from dit.fid50k import main as fid50k_main
+    from dit.evaluation.fid50k import main as fid50k_main
 
-    common = ["--num-samples", "6", "--batch-size", "3", "--sampler", "ddim5", "--devices", "1", "--accelerator", "cpu"]
+    common = cpu_ddim5(6, 3)
     sample_main([str(tiny_run), str(tmp_path / "ref"), *common])
     metrics = fid50k_main([str(tiny_run), str(tmp_path / "s"), "--ref", str(tmp_path / "ref"),
                            "--inception-weights", str(random_inception), *common])  # fmt: skip
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "ref.npz")["arr_0"])  # same seed
     assert abs(metrics["fid"]) < 1e-3 and metrics["precision"] == 1 and "inception_score" in metrics
     assert json.loads((tmp_path / "s.json").read_text()) == metrics
-    assert metrics["samples"]["sampler"] == "ddim5" and metrics["samples"]["step"] == 12  # what was measured
+    assert metrics["samples"]["sampler.steps"] == "ddim5" and metrics["samples"]["step"] == 12  # what was measured
+    assert metrics["samples"]["sampler.class"] == "dit.diffusion.samplers.DDIM"
 
 
 def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, capsys):
@@ -103,20 +112,26 @@ def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, cap
     with one line naming what differs, or with --overwrite drawn anew. The same weights in an
     export resume it (identity is the weights' digest, not the file)."""
     from dit.errors import exit_on_usage_error
-    from dit.export import main as export_main
+    from dit.tools.export import main as export_main
 
-    common = ["--num-samples", "4", "--batch-size", "2", "--sampler", "ddim5", "--devices", "1", "--accelerator", "cpu"]
+    common = cpu_ddim5(4, 2)
     out = tmp_path / "s"
     sample_main([str(tiny_run), str(out), *common])
     first = np.load(f"{out}.npz")["arr_0"]
     drawn = json.loads(str(np.load(f"{out}.npz")["manifest"]))  # what drew them rides in the .npz
-    assert drawn["source"]["step"] == 12 and drawn["identity"]["cfg_scale"] == 1.5
+    assert drawn["source"]["step"] == 12 and drawn["identity"]["guidance_scale"] == 1.5
     live = export_main([str(tiny_run), str(tmp_path / "live.pt"), "--weights", "live"])
-    for other, differing in [(live, "weights_digest"), (tiny_run, "cfg_scale: 1.5 -> 4.0")]:
+    for other, differing in [(live, "weights_digest"), (tiny_run, "guidance_scale: 1.5 -> 4.0")]:
         with pytest.raises(SystemExit) as refused:
-            exit_on_usage_error(lambda: sample_main([str(other), str(out), *common, "--cfg-scale", "4" if other == tiny_run else "1.5"]))
+            exit_on_usage_error(
+                lambda: sample_main(
+                    [str(other), str(out), *common, "--guidance-scale", "4" if other == tiny_run else "1.5"]
+                )
+            )
         assert refused.value.code == 2
-        one_line_error(capsys.readouterr().err, f"{out} holds samples drawn with other settings", differing, "--overwrite")
+        one_line_error(
+            capsys.readouterr().err, f"{out} holds samples drawn with other settings", differing, "--overwrite"
+        )
     assert np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
     ema = export_main([str(tiny_run), str(tmp_path / "ema.pt")])
     (out / "000003.png").unlink()

@@ -3,7 +3,6 @@ two models (patch 2 and 4) trained 6 steps each with FID of 3 EMA samples every 
 with a random Inception of torch-fidelity's own class against statistics of real digits."""
 
 import os
-from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -11,16 +10,16 @@ import pytest
 import torch
 from nbclient import NotebookClient
 from PIL import Image
-
-from dit.fid import main as fid_main
-from dit.plots import fid_vs_compute, load_runs, save_figures
 from test_fid import write_pngs
 from test_training import QUICK, ROOT, run_train
+
+from dit.evaluation.fid import main as fid_main
+from dit.evaluation.plots import fid_vs_compute, load_runs, save_figures
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, digits_dir, random_inception):
-    from dit.fid import digit_images
+    from dit.evaluation.fid import digit_images
 
     tmp = tmp_path_factory.mktemp("scaling")
     digits = digit_images()
@@ -32,7 +31,7 @@ def sweep(tmp_path_factory, digits_dir, random_inception):
          "trainer.val_check_interval=6", "trainer.log_every_n_steps=2", "data.global_batch_size=16",
          "callbacks.ema.multi_avg_fn.decay=0.5", "~callbacks.digits_accuracy", *QUICK, "callbacks=fid",
          f"callbacks.fid.ref={tmp / 'digits_ref.npz'}", f"callbacks.fid.inception_weights={random_inception}",
-         "callbacks.fid.every_n_steps=3", "callbacks.fid.num_samples=3", "callbacks.fid.steps='5'",
+         "callbacks.fid.every_n_steps=3", "callbacks.fid.num_samples=3", "sampler.steps='5'",
          f"hydra.sweep.dir={tmp / 'sweep'}"],
         cwd=tmp,
     )  # fmt: skip
@@ -54,23 +53,24 @@ def test_fid_monitor_logs_val_fid_and_its_minimum(sweep):
 
 def test_fid_monitor_measures_the_ema_weights(sweep, random_inception):
     """The last FID of a job, recomputed here from the EMA weights in its final checkpoint (the live
-    weights differ: EMA decay 0.5): the same samples (labels index % 10, noise seeded by index), the
+    weights differ: EMA decay 0.5): the same samples (labels index % 10, the batch's generator), the
     same features, the same number."""
     import csv
 
+    from dit.data.vae import to_uint8
     from dit.diffusion import create_diffusion
-    from dit.fid import frechet_distance, inception
-    from dit.models import DiT, backbone_state_dict
-    from dit.vae import to_uint8
+    from dit.evaluation.fid import frechet_distance, inception
+    from dit.models import DiT
 
     ckpt = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
-    model = DiT(**ckpt["hyper_parameters"]["model"])  # (from_state_dict would guess 2 heads for width 128; tiny has 4)
-    model.load_state_dict(backbone_state_dict(ckpt))
-    model.eval()
-    noise = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    model = DiT.from_state_dict(ckpt).eval()  # the run's recorded model config (tiny: 4 heads)
+    # one batch (k = 0) of the three samples: its noise, then every step's, from one generator
+    # seeded seed·2³² + k (dit.diffusion.sampling's scheme), with seed 0
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 1, 8, 8, generator=generator)
     z = create_diffusion("5").p_sample_loop(model, noise.shape, noise, model_kwargs=dict(y=torch.arange(3)),
-                                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+                                            generator=generator)  # fmt: skip
     images = to_uint8(z).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
     with torch.no_grad():
         pool = inception(random_inception)(images)[0]
@@ -110,11 +110,16 @@ def test_plots_read_a_wandb_project_through_the_public_api(sweep, monkeypatch):
         def __init__(self, folder):
             log = sorted(folder.rglob("metrics.csv"))[-1]
             self.config = yaml.safe_load((log.parent / "hparams.yaml").read_text())
-            self.rows = [{("trainer/global_step" if k == "step" else k): v for k, v in r.items()} for r in csv.DictReader(log.open())]
+            self.rows = [
+                {("trainer/global_step" if k == "step" else k): v for k, v in r.items()}
+                for r in csv.DictReader(log.open())
+            ]
             self.url = f"https://wandb.ai/team/dit/runs/{folder.name}"
 
         def scan_history(self, keys):
-            return [{k: float(row[k]) for k in keys} for row in self.rows if all(row.get(k) not in (None, "") for k in keys)]
+            return [
+                {k: float(row[k]) for k in keys} for row in self.rows if all(row.get(k) not in (None, "") for k in keys)
+            ]
 
     class Api:
         def runs(self, project):
@@ -138,8 +143,16 @@ def test_scaling_notebook_runs_on_the_sweep(sweep, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_FIGS", str(tmp_path / "figs"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     notebook = nbformat.read(ROOT / "notebooks" / "scaling.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    shown = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if "image/png" in o.get("data", {})]
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    shown = [
+        o
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for o in cell.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert len(shown) == 4
     for name in ("fid_vs_gflops", "fid_vs_compute", "fid_vs_steps", "loss_curves"):
         assert_nonblank_png(tmp_path / "figs" / f"{name}.png")

@@ -9,20 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-import train
-from dit.export import backbone_weights, main as export_main
 from dit.models import DiT
+from dit.tools.export import backbone_weights
+from dit.tools.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # A few seconds of work for every run below: 5-step sample grids of 2 images per class.
-QUICK = ["module.sampling.steps='5'", "data.samples_per_class=2"]
+QUICK = ["sampler.steps='5'", "data.samples_per_class=2"]
 
 
 def compose_cfg(overrides, out_dir):
@@ -48,12 +49,16 @@ def test_every_model_patch_and_conditioning_composes_and_builds(data, tmp_path):
     combos += [(m, "2", c) for m, c in itertools.product(MODELS, CONDITIONINGS) if c != "adaln_zero"]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        configs = {combo: compose("train", overrides=[f"model={combo[0]}", f"patch={combo[1]}", f"conditioning={combo[2]}",
-                                                      f"data={data}"])  # fmt: skip
-                   for combo in combos}
-    for (model, patch, conditioning), cfg in configs.items():
+        configs = {
+            combo: compose(
+                "train",
+                overrides=[f"model={combo[0]}", f"patch={combo[1]}", f"conditioning={combo[2]}", f"data={data}"],
+            )  # fmt: skip
+            for combo in combos
+        }
+    for (_, patch, conditioning), cfg in configs.items():
         with torch.device("meta"):
-            net = DiT(**cfg.model)
+            net = instantiate(cfg.model)
         assert (net.patch_size, net.conditioning, net.input_size) == (int(patch), conditioning, cfg.data.latent_size)
         assert net.in_channels == cfg.data.channels and net.num_classes == cfg.data.num_classes
     dm = instantiate(cfg.data)
@@ -67,7 +72,7 @@ def test_trainer_presets_compose(preset, tmp_path):
     # tpu_v3: no precision flag, its XLA bf16-autocast plugin sets it
     assert cfg.trainer.precision == {"gpu": "bf16-mixed", "ddp": "bf16-mixed", "tpu_v3": None}.get(preset, "32-true")
     if preset == "ddp":  # the strategy dit.benchmark --devices measures
-        from dit.benchmark import DDP_OPTIONS
+        from dit.tools.benchmark import DDP_OPTIONS
 
         assert {k: v for k, v in cfg.trainer.strategy.items() if k != "_target_"} == DDP_OPTIONS
         assert instantiate(cfg.trainer.strategy)._ddp_kwargs == DDP_OPTIONS  # a strategy Lightning takes
@@ -82,8 +87,8 @@ def test_module_buffers_are_constants_so_ddp_need_not_broadcast_them(tmp_path):
     whatever the seed, and left as it was by training steps with their hooks and callbacks."""
     from lightning import Trainer
 
-    from dit.benchmark import InMemoryLatents
-    from dit.ema import EMA
+    from dit.tools.benchmark import InMemoryLatents
+    from dit.training.callbacks.ema import EMA
 
     cfg = compose_cfg(["model=tiny", "data=digits"], tmp_path)
     modules = []
@@ -91,7 +96,7 @@ def test_module_buffers_are_constants_so_ddp_need_not_broadcast_them(tmp_path):
         torch.manual_seed(seed)
         modules.append(instantiate(cfg.module, _convert_="all"))
     first, second = (dict(m.named_buffers()) for m in modules)
-    assert {"model.t_embedder.freqs", "diffusion.betas", "sampler.timestep_map"} <= first.keys() == second.keys()
+    assert {"model.t_embedder.freqs", "diffusion.betas"} <= first.keys() == second.keys()
     assert not torch.equal(modules[0].model.x_embedder.proj.weight, modules[1].model.x_embedder.proj.weight)
     before = {name: b.clone() for name, b in first.items()}
     trainer = Trainer(accelerator="cpu", max_steps=2, callbacks=[EMA()], logger=False, enable_checkpointing=False,
@@ -107,14 +112,20 @@ def test_module_buffers_are_constants_so_ddp_need_not_broadcast_them(tmp_path):
 
 def test_paper_recipe_is_in_the_config(tmp_path):
     cfg = compose_cfg(["experiment=dit_xl2_256"], tmp_path)
-    assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.patch_size) == (28, 1152, 16, 2)
+    assert (cfg.model.size, cfg.model.patch_size) == ("XL", 2)
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    assert (len(net.blocks), net.pos_embed.shape[-1], net.num_heads) == (28, 1152, 16)  # paper Table 1
     assert cfg.module.optimizer.lr == 1e-4 and cfg.module.optimizer.weight_decay == 0
     assert cfg.data.global_batch_size == 256 and cfg.data.flip and cfg.data.scale_factor == 0.18215
     assert cfg.callbacks.ema.multi_avg_fn.decay == 0.9999 and cfg.trainer.max_steps == 7_000_000
     assert compose_cfg(["experiment=dit_xl2_512"], tmp_path).data.latent_size == 64
     compose_cfg(["experiment=scaling"], tmp_path)
     sweep = HydraConfig.get()
-    assert sweep.mode.name == "MULTIRUN" and sweep.sweeper.params == {"model": "dit_s,dit_b,dit_l,dit_xl", "patch": "2,4,8"}
+    assert sweep.mode.name == "MULTIRUN" and sweep.sweeper.params == {
+        "model": "dit_s,dit_b,dit_l,dit_xl",
+        "patch": "2,4,8",
+    }
 
 
 def quick_cfg(tmp_path, digits_dir, *overrides):
@@ -142,7 +153,15 @@ def test_training_run_checkpoint_ema_and_export(tmp_path, digits_dir):
     assert not torch.equal(ema["blocks.0.attn.qkv.weight"], live["blocks.0.attn.qkv.weight"])
     assert (tmp_path / "samples" / "step_0000015.png").exists() and (tmp_path / "samples" / "step_0000030.png").exists()
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
-    for name in ["train/loss", "train/mse", "train/vb", "train/grad_norm", "train/images_per_sec", "train/steps_per_sec", "lr-AdamW"]:
+    for name in [
+        "train/loss",
+        "train/mse",
+        "train/vb",
+        "train/grad_norm",
+        "train/images_per_sec",
+        "train/steps_per_sec",
+        "lr-AdamW",
+    ]:
         assert name in metrics.splitlines()[0], name
     # export: a bare state dict in the official layout, loaded by DiT.from_state_dict
     out = tmp_path / "ema.pt"
@@ -208,7 +227,9 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
             assert field in record, field
         # ...and the same metrics as CSV beside it, which dit.plots reads without wandb
         csv_dir = tmp_path / "sweep" / job / "csv" / "version_0"
-        assert "train/loss" in (csv_dir / "metrics.csv").read_text() and "gflops" in (csv_dir / "hparams.yaml").read_text()
+        assert (
+            "train/loss" in (csv_dir / "metrics.csv").read_text() and "gflops" in (csv_dir / "hparams.yaml").read_text()
+        )
     assert not (tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt").exists()
 
 
@@ -231,7 +252,7 @@ def test_quickstart_learns_the_digits(tmp_path):
     and ≥ 90% of guided samples are classified as the digit asked for."""
     result = run_train(["experiment=quickstart", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = next(l for l in result.stdout.splitlines() if l.startswith("digits:"))
+    line = next(out for out in result.stdout.splitlines() if out.startswith("digits:"))
     accuracy = float(line.split("labels ")[1].split("%")[0]) / 100
     assert accuracy >= 0.9, line
 
@@ -245,12 +266,14 @@ def test_ddp_multirun_on_cpu(tmp_path, digits_dir):
         ["-m", "experiment=quickstart", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
          "trainer.precision=32-true", f"data.path={digits_dir}", "conditioning=adaln_zero,in_context",
          "trainer.max_steps=3", "trainer.val_check_interval=3", "data.samples_per_class=3", "~callbacks.digits_accuracy",
-         "module.sampling.steps='5'", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+         "sampler.steps='5'", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
-        ckpt = torch.load(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(
+            tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        )
         assert ckpt["global_step"] == 3
         # the grid gathers both ranks' samples: 10 rows (digits) x 3 columns, 2x upscaled
         assert Image.open(tmp_path / "sweep" / job / "samples" / "step_0000003.png").size == (56, 182)

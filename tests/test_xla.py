@@ -13,14 +13,14 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import pytest
 import torch
+import train
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-
-import train
-from dit.diffusion import create_diffusion, guided
-from dit.export import backbone_weights
-from dit.models import DiT
 from test_training import QUICK, compose_cfg, run_train
+
+from dit.diffusion import create_diffusion, guided
+from dit.models import DiT
+from dit.tools.export import backbone_weights
 
 xla = pytest.importorskip("torch_xla")
 import torch_xla.debug.metrics as metrics  # noqa: E402
@@ -120,30 +120,34 @@ def test_multirun_of_two_jobs_on_the_xla_preset(tmp_path, digits_dir):
     # time is starting torch_xla and compiling); the second job, in the same process, reuses them.
     result = run_train(
         ["-m", "experiment=quickstart", f"data.path={digits_dir}", *SMALL, "trainer=xla_cpu", "logger=csv",
-         "trainer.max_steps=1", "trainer.val_check_interval=1", "module.sampling.steps='2'", "data.samples_per_class=1",
+         "trainer.max_steps=1", "trainer.val_check_interval=1", "sampler.steps='2'", "data.samples_per_class=1",
          "~callbacks.digits_accuracy", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "samples" / "step_0000001.png").exists()  # a sample grid drawn under XLA
-        ckpt = torch.load(tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(
+            tmp_path / "sweep" / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        )
         assert ckpt["global_step"] == 1 and ckpt["config"]["seed"] == int(job)  # each job its own config
 
 
 def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
     torch.manual_seed(0)
     sdpa = DiT(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2)
-    flash = DiT(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, attention="xla_flash")
+    flash = DiT(
+        input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2, attention="xla_flash"
+    )
     for p in sdpa.parameters():
         p.data.normal_(0, 0.05)
     flash.load_state_dict(sdpa.state_dict())  # the switch changes no weights
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3])
     for device in ("cpu", DEVICE):  # the CPU, and XLA's CPU runtime (an XLA device, not a TPU)
         with pytest.warns(UserWarning, match="attention=xla_flash needs a TPU"):
-            from dit import models
+            from dit.platform import xla_ops
 
-            models._on_tpu.warned = False
+            xla_ops.on_tpu.warned = False
             out = flash.to(device)(x.to(device), t.to(device), y.to(device)).cpu()
         torch.testing.assert_close(out, sdpa.to(device)(x.to(device), t.to(device), y.to(device)).cpu())
     with pytest.raises(ValueError, match="unknown attention 'flash'; choose sdpa or xla_flash"):
@@ -151,18 +155,21 @@ def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
 
 
 def test_pod_preset_puts_the_run_on_a_shared_folder_and_keeps_tpu_v3(tmp_path):
-    for overrides, missing in ([], "shared_dir=<a folder every host mounts>"), (["shared_dir=/mnt/shared"], "name=<run name>"):
+    for overrides, missing in (
+        ([], "shared_dir=<a folder every host mounts>"),
+        (["shared_dir=/mnt/shared"], "name=<run name>"),
+    ):
         compose_cfg(["trainer=tpu_v3_pod", *overrides], tmp_path)
         # Hydra resolves the run folder before train.main: the one sentence, then exit (no trace)
         with pytest.raises(SystemExit, match=f"^trainer=tpu_v3_pod needs {missing}"):
-            HydraConfig.get().run.dir
+            _ = HydraConfig.get().run.dir
     shared = tmp_path / "shared"
     pod = compose_cfg(["trainer=tpu_v3_pod", f"shared_dir={shared}", "name=xl2"], tmp_path)
     assert HydraConfig.get().run.dir == str(shared / "outputs" / "xl2")
     assert HydraConfig.get().sweep.dir == str(shared / "multirun" / "xl2")
     assert pod.data.cache_dir == "/tmp/dit_chunks"  # each host's own disk, not the shared folder
     tpu = compose_cfg(["trainer=tpu_v3"], tmp_path)
-    assert pod.trainer.accelerator == "tpu" and pod.callbacks.ema._target_ == "dit.xla.XLAWeightAveraging"
+    assert pod.trainer.accelerator == "tpu" and pod.callbacks.ema._target_ == "dit.platform.xla.XLAWeightAveraging"
     for key in ("trainer", "model", "module", "callbacks"):  # devices, plugins, attention, NaN guard, EMA
         assert pod[key] == tpu[key], key
     assert {k: v for k, v in pod.data.items() if k != "cache_dir"} == dict(tpu.data.items())

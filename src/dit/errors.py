@@ -15,7 +15,14 @@ class UsageError(ValueError):
 
 
 # File errors carry their path in the message ("[Errno 2] No such file or directory: 'x'").
-ONE_LINE_ERRORS = (UsageError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+ONE_LINE_ERRORS = (
+    UsageError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
 USAGE_EXIT_CODE = 2  # as argparse's own usage errors
 
 

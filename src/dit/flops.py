@@ -1,70 +1,7 @@
-"""Gflops and parameters of DiT configs, measured by running the model, in the paper's convention.
+"""`python -m dit.flops`: the command of dit.models.flops (its --help says what it does)."""
 
-Convention (paper Table 4, and the paper's author in facebookresearch/DiT#14): the theoretical
-cost of one forward pass for one image, a multiply-add counted as ONE flop (i.e. GMACs),
-classifier-free guidance not doubled, the VAE excluded. Hardware FLOPs are twice these.
-
-    python -m dit.flops                    # the 12 configs of Table 4 + the conditioning ablation
-    python -m dit.flops --image-size 512   # the same at 512px (64×64 latents)
-"""
-
-import argparse
-
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
-
-from dit.errors import ArgumentParser, exit_on_usage_error
-from dit.models import CONDITIONINGS, DiT_models
-
-
-def count_gflops(model):
-    """Forward Gflops (multiply-adds) of `model` for one image, counted by torch's flop counter."""
-    device = model.pos_embed.device
-    x = torch.randn(1, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.zeros(1, dtype=torch.long, device=device)
-    y = torch.zeros(1, dtype=torch.long, device=device)
-    # The counter has formulas for the matmuls and for the CUDA attention kernels, but not for
-    # the CPU's fused attention, which would drop the T²·D attention term: force the math backend,
-    # whose matmuls it sees.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model.eval()(x, t, y)
-    return counter.get_total_flops() / 2 / 1e9
-
-
-def count_params(model):
-    """All parameters, the frozen position embedding included, as the official code counts them."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe(model):
-    """Name, conditioning, Gflops, parameters and tokens of a model (build it on the meta device
-    to pay no memory and no compute: `with torch.device("meta"): model = DiT(...)`)."""
-    tokens = (model.input_size // model.patch_size) ** 2
-    return dict(name=model.name, conditioning=model.conditioning, gflops=count_gflops(model),
-                params=count_params(model), tokens=tokens)  # fmt: skip
-
-
-def measure(name, conditioning="adaln_zero", image_size=256):
-    """(Gflops, parameters, tokens) of one of the paper's configs."""
-    with torch.device("meta"):
-        d = describe(DiT_models[name](input_size=image_size // 8, conditioning=conditioning))
-    return d["gflops"], d["params"], d["tokens"]
-
-
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
-    args = parser.parse_args(argv)
-    rows = [(name, "adaln_zero") for name in DiT_models]
-    rows += [("DiT-XL/2", c) for c in CONDITIONINGS if c != "adaln_zero"]
-    print(f"DiT at {args.image_size}px. Gflops: forward pass, one image, multiply-add = 1 flop (paper convention).")
-    print("| model | conditioning | tokens | Gflops | params (M) |")
-    print("|---|---|---|---|---|")
-    for name, conditioning in rows:
-        gflops, params, tokens = measure(name, conditioning, args.image_size)
-        print(f"| {name} | {conditioning} | {tokens} | {gflops:.2f} | {params / 1e6:.2f} |")
-
+from dit.errors import exit_on_usage_error
+from dit.models.flops import main
 
 if __name__ == "__main__":
     exit_on_usage_error(main)

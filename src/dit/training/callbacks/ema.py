@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dit.platform.compat import foreach_copy, set_averaged_model, weight_averaging_options
+
 
 class EMAUpdate:
     """torch's EMA update (`get_ema_multi_avg_fn`) as an object that pickles: torch_xla sends the
@@ -46,7 +48,7 @@ class HostCountAveragedModel(AveragedModel):
         averaged = [p.detach() for p in tensors(self.module)]
         current = [p.detach().to(a.device) for p, a in zip(tensors(model), averaged)]
         if self.n_averaged.item() == 0:  # a host tensor: no wait
-            torch._foreach_copy_(averaged, current)
+            foreach_copy(averaged, current)
         else:
             groups = defaultdict(lambda: ([], []))  # foreach kernels take one device and dtype, as in torch
             for a, c in zip(averaged, current):
@@ -71,6 +73,7 @@ class EMA(WeightAveraging):
 
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
-            self._average_model = HostCountAveragedModel(
-                pl_module, self._kwargs["multi_avg_fn"], device=self._device or pl_module.device, use_buffers=self._use_buffers
-            )
+            device, use_buffers, options = weight_averaging_options(self)
+            set_averaged_model(self, HostCountAveragedModel(
+                pl_module, options["multi_avg_fn"], device=device or pl_module.device, use_buffers=use_buffers
+            ))  # fmt: skip

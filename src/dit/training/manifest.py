@@ -28,10 +28,12 @@ LAUNCH_KEYS = (
     "trainer",                      # devices, strategy, max_steps, intervals (RECIPE_KEYS keeps precision)
     "logger", "launcher",
     "callbacks.progress_bar", "callbacks.checkpoint", "callbacks.stop_checkpoint", "callbacks.lr_monitor",
-    "callbacks.fid", "callbacks.digits_accuracy",
-    "module.model",                 # the model group again (module.model: ${model})
-    "module.compile", "module.sampling", "module.max_nonfinite_in_a_row",
+    "callbacks.fid", "callbacks.digits_accuracy", "callbacks.nonfinite_guard", "callbacks.throughput",
+    "callbacks.rng_state",
+    "module.model", "module.objective",  # the model and objective groups again (module.model: ${model})
+    "module.compile", "module.sampling", "module.sampler", "sampler",  # the sample grids' sampler
     "data.num_workers", "data.cache_dir", "data.sample_classes", "data.samples_per_class", "data.prepare",
+    "data.sample_batch_size", "data.pixels",
     "model.activation_checkpointing", "model.attention",  # the same function, computed another way
 )  # fmt: skip
 RECIPE_KEYS = ("trainer.precision", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
@@ -39,7 +41,16 @@ RECIPE_KEYS = ("trainer.precision", "trainer.gradient_clip_val", "trainer.gradie
 # Settings a run cannot change even on purpose: the checkpoint's weights have the model's shapes,
 # its RNG states and the loader's position continue the seed's draws, and litdata refuses to
 # continue a position in another folder. A different value is a new run (module.init_from=...).
-FIXED_KEYS = ("model", "patch", "seed", "data.seed", "data.path", "data.channels", "data.latent_size", "data.num_classes")
+FIXED_KEYS = (
+    "model",
+    "patch",
+    "seed",
+    "data.seed",
+    "data.path",
+    "data.channels",
+    "data.latent_size",
+    "data.num_classes",
+)
 
 
 def flatten(tree, prefix=""):
@@ -86,6 +97,7 @@ def changed_keys(old, new):
 def differences(old, new, limit=6):
     """'key: old -> new, ...' for the keys whose values differ (a key on one side only shows
     <unset> on the other), or '' when they agree."""
+
     def shown(side, k):
         return repr(side[k]) if k in side else "<unset>"
 
@@ -121,7 +133,12 @@ def code_version():
                 commit += "+dirty"
         except (OSError, subprocess.SubprocessError):
             commit = None
-    return {"dit": _version("dit"), "commit": commit, "torch": str(torch.__version__), "lightning": _version("lightning")}
+    return {
+        "dit": _version("dit"),
+        "commit": commit,
+        "torch": str(torch.__version__),
+        "lightning": _version("lightning"),
+    }
 
 
 def _version(package):

@@ -12,8 +12,9 @@ from lightning.fabric.plugins import XLACheckpointIO
 from lightning.pytorch.accelerators import XLAAccelerator
 from lightning.pytorch.plugins.precision import XLAPrecision
 
-from dit.checkpoints import AtomicCheckpointIO
-from dit.ema import EMA
+from dit.platform.compat import averaged_model, xla_to_cpu
+from dit.training.callbacks.ema import EMA
+from dit.training.checkpoints import AtomicCheckpointIO
 
 
 class XLABf16AutocastPrecision(XLAPrecision):
@@ -38,17 +39,16 @@ class AtomicXLACheckpointIO(AtomicCheckpointIO, XLACheckpointIO):
     CPU first, so it loads anywhere with `torch.load(..., map_location="cpu")`."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        import torch_xla.core.xla_model as xm
-        from omegaconf import DictConfig, ListConfig, OmegaConf
         from lightning.fabric.utilities.apply_func import apply_to_collection
+        from omegaconf import DictConfig, ListConfig, OmegaConf
 
         # OmegaConf containers do not survive xm's CPU copy (pytorch/xla#2773): plain dicts first.
         checkpoint = apply_to_collection(checkpoint, (DictConfig, ListConfig), OmegaConf.to_container)
-        super().save_checkpoint(xm._maybe_convert_to_cpu(checkpoint, convert=True), path, storage_options)
+        super().save_checkpoint(xla_to_cpu(checkpoint), path, storage_options)
 
 
 class XLAWeightAveraging(EMA):
-    """The EMA (dit.ema: its count of averages stays on the host, so no step waits for the
+    """The EMA (dit.training.callbacks.ema: its count of averages stays on the host, so no step waits for the
     device to read it) with a fix for torch_xla 2.9's buffer sharing.
 
     On XLA, copying one device tensor into another (the average's first update, its deepcopy)
@@ -59,7 +59,7 @@ class XLAWeightAveraging(EMA):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for param in self._average_model.parameters():
+        for param in averaged_model(self).parameters():
             if not param.requires_grad:
                 param.data = param.data + 0  # a new buffer, computed in the next graph
 

@@ -1,5 +1,8 @@
-"""The Gaussian diffusion DiT trains and samples with: Improved DDPM (Nichol & Dhariwal, 2021) as the
-official code configures it (paper §3, "Diffusion formulation"; the official diffusion/ package).
+"""The Gaussian diffusion process DiT trains and samples with: Improved DDPM (Nichol & Dhariwal,
+2021) as the official code configures it (paper §3, "Diffusion formulation"; the official
+diffusion/ package): the schedule, the forward process q, the posterior, and the model's
+p(x_{t-1} | x_t) with one step of each sampler. The loss lives in dit.diffusion.objectives, the
+loops in dit.diffusion.samplers.
 
 Plain torch, no Lightning, so notebooks, the sampler and XLA share it. The official code's few lines
 work the same here:
@@ -17,12 +20,8 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dit.errors import UsageError
-
-GUIDANCE_VARIANTS = ("official", "all_channels")
-
 
 #################################################################################
 #                         Noise schedules and respacing                         #
@@ -167,7 +166,7 @@ class GaussianDiffusion(nn.Module):
         timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else torch.as_tensor(timestep_map)
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
 
-    def _on(self, device):
+    def on_device(self, device):
         """Move the schedule to the data's device once (a no-op afterwards)."""
         if self.betas.device != device:
             self.to(device)
@@ -181,10 +180,11 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x_start, t, noise):
         """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε (DDPM Eq. 4)."""
-        self._on(x_start.device)
-        return self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start + self._at(
-            self.sqrt_one_minus_alphas_cumprod, t, x_start
-        ) * noise
+        self.on_device(x_start.device)
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+            + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7)."""
@@ -192,7 +192,10 @@ class GaussianDiffusion(nn.Module):
         return mean, self._at(self.posterior_variance, t, x_t), self._at(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
-        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / self._at(
@@ -207,10 +210,10 @@ class GaussianDiffusion(nn.Module):
         With learned sigma the model's second half of channels is v ∈ [-1, 1] and the log variance
         interpolates between the posterior's and β_t: IDDPM Eq. 15, the "learned range".
         """
-        self._on(x.device)
+        self.on_device(x.device)
         if model_output is None:
             model_output = model(x, self.timestep_map[t], **(model_kwargs or {}))
-        prediction, v = self._split_output(model_output, x)
+        prediction, v = self.split_output(model_output, x)
         if self.learn_sigma:
             min_log = self._at(self.posterior_log_variance_clipped, t, x)
             max_log = self._at(self.log_betas, t, x)
@@ -226,7 +229,7 @@ class GaussianDiffusion(nn.Module):
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_xstart=pred_xstart)
 
-    def _split_output(self, model_output, x):
+    def split_output(self, model_output, x):
         """(ε or x_0 prediction, v or None), after checking the channel count fits learn_sigma."""
         C = x.shape[1]
         want = 2 * C if self.learn_sigma else C
@@ -241,34 +244,13 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ training loss
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Per-sample hybrid loss L_simple + L_vlb (IDDPM §3.1; paper §3 "Diffusion formulation").
+        """The official call for the paper's loss: `Hybrid().losses(...)` (dit.diffusion.objectives),
+        per-sample dict(loss, mse, vb)."""
+        from dit.diffusion.objectives import Hybrid
 
-        `mse` is ‖ε - ε_θ‖² averaged over elements; `vb` is the variational-bound term in bits per
-        dimension (KL to the posterior, the decoder NLL at t = 0) with the predicted mean detached,
-        so it trains only the variance. Returns dict(loss, mse, vb), each of shape (N,).
-        """
-        self._on(x_start.device)
         if noise is None:
             noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise)
-        model_output = model(x_t, self.timestep_map[t], **(model_kwargs or {}))
-        prediction, v = self._split_output(model_output, x_t)
-        terms = {}
-        if self.learn_sigma:
-            frozen = torch.cat([prediction.detach(), v], dim=1)
-            terms["vb"] = self._vb_bits(x_start, x_t, t, frozen)
-        target = x_start if self.predict_xstart else noise
-        terms["mse"] = mean_flat((target - prediction) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
-        return terms
-
-    def _vb_bits(self, x_start, x_t, t, model_output):
-        """L_t = KL(q(x_{t-1}|x_t,x_0) ‖ p(x_{t-1}|x_t)) for t > 0, L_0 = -log p(x_0|x_1), in bits."""
-        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
-        out = self.p_mean_variance(None, x_t, t, model_output=model_output)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"])
-        return torch.where(t == 0, mean_flat(nll) / math.log(2.0), kl)
+        return Hybrid().losses(model, self, x_start, t, model_kwargs, noise)
 
     # ------------------------------------------------------------------ samplers
 
@@ -278,7 +260,9 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return dict(sample=out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, pred_xstart=out["pred_xstart"])
+        return dict(
+            sample=out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise, pred_xstart=out["pred_xstart"]
+        )
 
     def ddim_sample(self, model, x, t, clip_denoised=False, model_kwargs=None, eta=0.0, noise=None, generator=None):
         """One DDIM step (Song et al. 2021, Eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
@@ -304,32 +288,29 @@ class GaussianDiffusion(nn.Module):
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
                       progress=False, generator=None):  # fmt: skip
-        """Ancestral sampling from x_T = noise down to x_0 (the paper's 250-step protocol with
-        create_diffusion("250") and clip_denoised=False)."""
-        return self._loop(self.p_sample, model, shape, noise, clip_denoised, model_kwargs, device, progress, generator)
+        """Ancestral sampling from x_T = noise down to x_0 (the official loop; the paper's 250-step
+        protocol with create_diffusion("250") and clip_denoised=False): dit.diffusion.samplers.DDPM."""
+        from dit.diffusion.samplers import DDPM
+
+        x = _start(shape, noise, device, generator)
+        return DDPM(clip_denoised=clip_denoised).loop(self, model, x, model_kwargs, generator, progress)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
                          progress=False, generator=None, eta=0.0):  # fmt: skip
-        return self._loop(self.ddim_sample, model, shape, noise, clip_denoised, model_kwargs, device, progress,
-                          generator, eta=eta)  # fmt: skip
+        """DDIM sampling (the official loop): dit.diffusion.samplers.DDIM."""
+        from dit.diffusion.samplers import DDIM
 
-    def _loop(self, step, model, shape, noise, clip_denoised, model_kwargs, device, progress, generator, **kw):
-        if device is None:
-            device = noise.device if noise is not None else generator.device if generator is not None else "cpu"
-        self._on(torch.device(device))
-        x = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-        # t is a device tensor stepped down in place of a fresh host value per step, so every step
-        # runs the same graph (torch.compile, XLA) with no host-to-device copy.
-        t = torch.full((x.shape[0],), self.num_timesteps - 1, device=device, dtype=torch.long)
-        with torch.no_grad():
-            for _ in tqdm(range(self.num_timesteps), disable=not progress, desc="sampling"):
-                x = step(model, x, t, clip_denoised, model_kwargs, generator=generator, **kw)["sample"]
-                t = t - 1
-                if x.device.type == "xla":  # one graph per step, compiled once and reused, not one of all steps
-                    import torch_xla
+        x = _start(shape, noise, device, generator)
+        return DDIM(eta=eta, clip_denoised=clip_denoised).loop(self, model, x, model_kwargs, generator, progress)
 
-                    torch_xla.sync()
-        return x
+
+def _start(shape, noise, device, generator):
+    """x_T of the official loops' signature: `noise`, or a draw of `shape`."""
+    if noise is not None:
+        return noise
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return torch.randn(*shape, generator=generator, device=device)
 
 
 def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, sigma_small=False,
@@ -339,43 +320,10 @@ def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma
     betas = beta_schedule(noise_schedule, diffusion_steps)
     kept = space_timesteps(diffusion_steps, timestep_respacing)
     if len(kept) < 2:  # the variance tables take step 0's value from step 1's (as the official code)
-        raise UsageError(f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2")
+        raise UsageError(
+            f"timestep respacing {timestep_respacing!r} keeps {len(kept)} step; a sampler needs at least 2"
+        )
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     return GaussianDiffusion(1 - alphas_cumprod / previous, kept, learn_sigma, sigma_small, predict_xstart)
-
-
-#################################################################################
-#                          Classifier-free guidance                             #
-#################################################################################
-
-
-def guided(model, scale, variant="official"):
-    """Classifier-free guidance (Ho & Salimans 2022; paper §3.1) as one batched forward over the
-    conditional inputs and the same inputs with the null class: ε̂ = ε_∅ + s·(ε_y - ε_∅).
-
-    variant="official" guides only the first 3 latent channels, as the official code does (a
-    GLIDE leftover; the setting behind FID 2.27 at s = 1.5, paper App. A); "all_channels" guides
-    all of ε. The variance channels come from the conditional pass. Returns a callable with the
-    model's signature (x, t, y), for the samplers above. Scale 1 returns the model itself.
-    """
-    if variant not in GUIDANCE_VARIANTS:
-        raise UsageError(f"unknown guidance variant {variant!r}; choose one of {', '.join(GUIDANCE_VARIANTS)}")
-    if scale == 1.0:
-        return model
-    null = model.num_classes
-    if model.y_embedder.embedding_table.num_embeddings <= null:
-        raise UsageError(
-            f"guidance scale {scale} needs a null class, but this model was built with class_dropout_prob=0 "
-            "and has none; sample with scale 1.0 or train with class dropout"
-        )
-    guided_channels = 3 if variant == "official" else model.in_channels
-
-    def guided_model(x, t, y):
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)]))
-        cond, uncond = out.chunk(2)
-        k = guided_channels
-        return torch.cat([uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k]), cond[:, k:]], dim=1)
-
-    return guided_model

@@ -8,7 +8,6 @@ equal the official code's (facebookresearch/DiT), so its released checkpoints lo
 
 import math
 import re
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from dit.errors import UsageError
+from dit.platform.xla_ops import flash_attention, on_tpu
 
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+# (depth, hidden size, heads) of each model size: paper Table 1, the one place they are written.
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
 def modulate(x, shift, scale):
@@ -106,26 +108,11 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.kernel == "xla_flash" and _on_tpu(q):
-            from torch_xla.experimental.custom_kernel import flash_attention
-
-            x = flash_attention(q, k, v, sm_scale=q.shape[-1] ** -0.5)  # the kernel's default scale is 1
+        if self.kernel == "xla_flash" and on_tpu(q):
+            x = flash_attention(q, k, v)
         else:
             x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-def _on_tpu(tensor):
-    """Whether torch_xla's Pallas kernels can run on this tensor; says once when they cannot."""
-    if tensor.device.type == "xla":
-        import torch_xla.runtime
-
-        if torch_xla.runtime.device_type() == "TPU":
-            return True
-    if tensor.device.type != "meta" and not getattr(_on_tpu, "warned", False):  # meta: a shape-only pass
-        _on_tpu.warned = True
-        warnings.warn(f"attention=xla_flash needs a TPU (this is {tensor.device}); using scaled_dot_product_attention")
-    return False
 
 
 class CrossAttention(nn.Module):
@@ -241,16 +228,20 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     """Diffusion Transformer over a C×I×I latent: predicts the noise ε (C channels) and, with
-    `learn_sigma`, the variance interpolation v (C more channels) of Improved DDPM."""
+    `learn_sigma`, the variance interpolation v (C more channels) of Improved DDPM.
+
+    `size` is a row of Table 1 (S, B, L, XL: depth, width, heads); `depth`, `hidden_size` and
+    `num_heads` replace that row's values where given (a model off the table)."""
 
     def __init__(
         self,
         input_size=32,
         patch_size=2,
         in_channels=4,
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
+        size="XL",
+        hidden_size=None,
+        depth=None,
+        num_heads=None,
         mlp_ratio=4.0,
         class_dropout_prob=0.1,
         num_classes=1000,
@@ -260,6 +251,12 @@ class DiT(nn.Module):
         attention="sdpa",
     ):
         super().__init__()
+        if size not in SIZES:
+            raise UsageError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)} (paper Table 1)")
+        # Table 1's depth, width and heads of `size`, each replaced where given
+        depth, hidden_size, num_heads = (
+            given or table for given, table in zip((depth, hidden_size, num_heads), SIZES[size])
+        )
         if attention not in ("sdpa", "xla_flash"):
             raise UsageError(f"unknown attention {attention!r}; choose sdpa or xla_flash (a TPU's Pallas kernel)")
         if conditioning not in CONDITIONINGS:
@@ -403,7 +400,7 @@ class DiT(nn.Module):
         state_dict = backbone_state_dict(checkpoint)
         run_config = checkpoint.get("config")
         recorded = run_config.get("model") if isinstance(run_config, dict) else None
-        config = dict(recorded) if recorded else infer_config(state_dict)
+        config = {k: v for k, v in recorded.items() if k != "_target_"} if recorded else infer_config(state_dict)
         config |= overrides
         if config["num_heads"] is None:
             raise UsageError(
@@ -470,7 +467,7 @@ def infer_config(state_dict):
     else:
         conditioning = "cross_attn" if "blocks.0.cross_attn.q.weight" in state_dict else "in_context"
     # Weights do not record the head count: the paper's for its widths (Table 1), None (unknown) for others.
-    heads = {384: 6, 768: 12, 1024: 16, 1152: 16}.get(hidden)
+    heads = {width: heads for _, width, heads in SIZES.values()}.get(hidden)
     return dict(
         input_size=int(round(math.sqrt(tokens))) * patch,
         patch_size=patch,
@@ -499,27 +496,18 @@ def describe_state_dict(state_dict):
 #                                 DiT configs (Table 4)                         #
 #################################################################################
 
-# (depth, hidden size, heads) of each size, Table 1.
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-
 
 def config_name(depth, hidden_size, patch_size):
     size = next((s for s, shape in SIZES.items() if shape[:2] == (depth, hidden_size)), "custom")
     return f"DiT-{size}/{patch_size}"
 
 
-def DiT_XL_2(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)  # noqa: E704
-def DiT_XL_4(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)  # noqa: E704
-def DiT_XL_8(**kwargs): return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)  # noqa: E704
-def DiT_L_2(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)  # noqa: E704
-def DiT_L_4(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)  # noqa: E704
-def DiT_L_8(**kwargs): return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)  # noqa: E704
-def DiT_B_2(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)  # noqa: E704
-def DiT_B_4(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)  # noqa: E704
-def DiT_B_8(**kwargs): return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)  # noqa: E704
-def DiT_S_2(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)  # noqa: E704
-def DiT_S_4(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)  # noqa: E704
-def DiT_S_8(**kwargs): return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)  # noqa: E704
+def _paper_config(size, patch_size):
+    def build(**kwargs):
+        return DiT(size=size, patch_size=patch_size, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"DiT_{size}_{patch_size}"
+    return build
 
 
 class _ConfigTable(dict):
@@ -527,10 +515,5 @@ class _ConfigTable(dict):
         raise KeyError(f"unknown model {name!r}; choose one of {', '.join(self)}")
 
 
-DiT_models = _ConfigTable({
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
-})  # fmt: skip
-
+# The 12 configs of Table 4, as the official models.py names them: DiT_models["DiT-XL/2"](input_size=32)
+DiT_models = _ConfigTable({f"DiT-{size}/{patch}": _paper_config(size, patch) for size in SIZES for patch in (2, 4, 8)})

@@ -10,7 +10,10 @@ import torch
 from dit.errors import UsageError
 
 SCALE_FACTOR = 0.18215
-VAES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}  # paper §4: ft-EMA headline, ft-MSE Table 4
+VAES = {
+    "ema": "stabilityai/sd-vae-ft-ema",
+    "mse": "stabilityai/sd-vae-ft-mse",
+}  # paper §4: ft-EMA headline, ft-MSE Table 4
 
 
 def load_vae(name="ema", device="cpu", dtype=torch.float32):

@@ -15,7 +15,15 @@ import uuid
 from pathlib import Path
 
 from dit.errors import UsageError
-from dit.manifest import LAUNCH_KEYS, MANIFEST_FILE, code_version, digest, read_manifest, run_identity, write_manifest
+from dit.training.manifest import (
+    LAUNCH_KEYS,
+    MANIFEST_FILE,
+    code_version,
+    digest,
+    read_manifest,
+    run_identity,
+    write_manifest,
+)
 
 LOCK_FILE = "run.lock"
 
@@ -89,7 +97,9 @@ class RunLock:
         me = this_process()
         if owner is None:
             why = "an unreadable lock"
-        elif host == me["host"] and owner.get("boot") == me["boot"] and owner.get("pid_namespace") == me["pid_namespace"]:
+        elif (
+            host == me["host"] and owner.get("boot") == me["boot"] and owner.get("pid_namespace") == me["pid_namespace"]
+        ):
             if pid != me["pid"] and process_alive(pid):
                 raise UsageError(
                     f"{self.path.parent} is in use by process {pid} on this host (started "
@@ -139,6 +149,7 @@ def process_alive(pid):
 
 def this_process():
     """What identifies a process across machines and containers: host name, boot id, pid namespace, pid."""
+
     def read(path, how):
         try:
             return how(path)
@@ -238,7 +249,11 @@ def sweep_job_folder(sweep_dir, job_num, overrides):
     earlier = [(folder, (read_manifest(folder) or {}).get("overrides")) for _, folder in numbered]
     earlier = [(folder, theirs) for folder, theirs in earlier if theirs is not None]
     for loose_rule, ours in [(False, exact), (True, loose)]:
-        matches = [f for f, theirs in earlier if ours == (job_key(theirs, loose_ignore, swept) if loose_rule else job_key(theirs))]
+        matches = [
+            f
+            for f, theirs in earlier
+            if ours == (job_key(theirs, loose_ignore, swept) if loose_rule else job_key(theirs))
+        ]
         if loose_rule and len(matches) > 1:
             break  # which one to continue is not clear: a folder of its own
         for folder in matches:
@@ -256,7 +271,7 @@ def sweep_job_folder(sweep_dir, job_num, overrides):
         try:
             fd = os.open(folder / MANIFEST_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:  # claimed meanwhile: by another process of this job, or by another job
-            theirs = wait_for(lambda: read_manifest(folder)["overrides"])
+            theirs = wait_for(lambda folder=folder: read_manifest(folder)["overrides"])
             if theirs is not None and job_key(theirs) == exact and claim(folder):
                 return folder.name
             continue
@@ -289,8 +304,14 @@ def write_run_manifest(folder, config, overrides, resumed_from, accepted):
     manifest.update(kind="training run", config_hash=digest(run_identity(config)), code=code_version())
     manifest["overrides"] = list(overrides)  # the latest launch's: how a sweep rerun finds this folder
     manifest.setdefault("launches", []).append(
-        dict(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), host=socket.gethostname(), pid=os.getpid(),
-             overrides=list(overrides), resumed_from=resumed_from, accepted_changes=accepted or None)  # fmt: skip
+        dict(
+            started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            overrides=list(overrides),
+            resumed_from=resumed_from,
+            accepted_changes=accepted or None,
+        )  # fmt: skip
     )
     write_manifest(folder, manifest)
     return manifest

@@ -16,10 +16,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import WandbLogger
 
-from dit.diffusion import guided
-from dit.module import seeded_noise
-from dit.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
-from dit.vae import decode, load_vae, to_uint8
+from dit.data.decoding import make_decoder
+from dit.data.vae import to_uint8
+from dit.diffusion import batch_generator, draw
+from dit.evaluation.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
+from dit.platform.compat import averaged_model
 
 
 class FIDMonitor(Callback):
@@ -31,42 +32,47 @@ class FIDMonitor(Callback):
         every_n_steps: measure after every this many optimizer steps.
         num_samples: samples per measurement, spread over all devices.
         inception_weights: a local copy of torch-fidelity's Inception weights (None: download).
-        steps, guidance_scale, guidance: the sampler (respacing, scale, variant); the defaults are the
-            paper's FID protocol for its scaling results (250 DDPM steps, no guidance, Table 4).
+        sampler: a `dit.diffusion.Sampler` (conf: the run's `sampler`, the paper's 250 DDPM steps).
+        guidance_scale, guidance: classifier-free guidance; the default is the paper's FID
+            protocol for its scaling results (no guidance, Table 4).
         vae: the VAE that decodes latents ("mse", the paper's Table 4 decoder; "ema"; or a folder).
             Not used for pixel data (1 or 3 channels, such as the digits).
         batch_size: samples drawn (and Inception images) per device at a time.
-        seed: each sample's label (balanced over the classes) and starting noise follow from its
-            index and this seed, so measurements differ only by the weights, not by the draw.
+        seed: sample i has label i mod classes, and batch k (samples [kB, (k+1)B)) draws from
+            `batch_generator(seed, k)`, so measurements differ only by the weights, not by the draw,
+            and not by the number of devices.
     """
 
-    def __init__(self, ref, every_n_steps=10000, num_samples=5000, inception_weights=None, steps="250",
+    def __init__(self, ref, sampler, every_n_steps=10000, num_samples=5000, inception_weights=None,
                  guidance_scale=1.0, guidance="official", vae="mse", batch_size=64, seed=0):  # fmt: skip
         self.ref = ref
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.inception_weights = inception_weights
-        self.steps = steps
+        self.sampler = sampler
         self.guidance_scale = guidance_scale
         self.guidance = guidance
         self.vae_name = vae
         self.batch_size = batch_size
         self.seed = seed
         self.best = math.inf
-        self.extractor = self.reference = self.vae = None
+        self.extractor = self.reference = self.decoder = None
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
             return
-        model = pl_module.model
-        pixels = model.in_channels in (1, 3)
         # Every rank extracts its share. torch-fidelity moves batches to CUDA only, so elsewhere (CPU, TPU)
         # the extractor stays on the CPU.
-        self.extractor = inception(self.inception_weights, pl_module.device if pl_module.device.type == "cuda" else "cpu")
-        if not pixels:
-            self.vae = load_vae(self.vae_name, pl_module.device)
+        self.extractor = inception(
+            self.inception_weights, pl_module.device if pl_module.device.type == "cuda" else "cpu"
+        )
+        data = trainer.datamodule
+        pixels = getattr(data, "pixels", False)
+        self.decoder = make_decoder(
+            pixels, getattr(data, "scale_factor", 1.0), None if pixels else self.vae_name, pl_module.device
+        )
         if trainer.is_global_zero:
-            resolution = model.input_size * (1 if pixels else 8)  # the SD VAE upsamples 8× (paper §3.1)
+            resolution = pl_module.model.input_size * self.decoder.upsampling
             self.reference = load_reference(self.ref, self.extractor, resolution, self.batch_size)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):  # the run's summary keeps the lowest FID, not the last
@@ -83,32 +89,36 @@ class FIDMonitor(Callback):
                 logger.log_metrics({"val/fid": fid, "val/fid_best": self.best}, step=trainer.global_step)
 
     def measure(self, trainer, pl_module):
-        """FID of `num_samples` samples of the EMA weights; every rank draws and extracts its share,
-        rank 0 gathers the features and returns the FID (the other ranks return None)."""
+        """FID of `num_samples` samples of the EMA weights; batches go round-robin to the ranks,
+        each draws and extracts its own, rank 0 gathers the features and returns the FID (the
+        other ranks return None)."""
         model = ema_backbone(trainer, pl_module)
         was_training = model.training
         model.eval()
-        sampler = pl_module.sampling_diffusion(self.steps)
         device = pl_module.device
-        per_rank = math.ceil(self.num_samples / trainer.world_size)
-        index = torch.arange(trainer.global_rank, per_rank * trainer.world_size, trainer.world_size)
-        generator = torch.Generator(device=device).manual_seed(self.seed + 1 + trainer.global_rank)
-        scale = trainer.datamodule.scale_factor if trainer.datamodule is not None else 1.0
-        pool = []
-        for chunk in index.split(self.batch_size):
-            noise = seeded_noise(model, chunk, self.seed).to(device)
-            labels = (chunk % model.num_classes).to(device)
-            z = sampler.p_sample_loop(guided(model, self.guidance_scale, self.guidance), noise.shape, noise,
-                                      model_kwargs=dict(y=labels), generator=generator)  # fmt: skip
-            images = z.float() / scale if self.vae is None else decode(self.vae, z, scale)  # in [-1, 1]
-            pool.append(features(self.extractor, UInt8Images(to_uint8(images)), self.batch_size)[POOL].to(device))
+        num_batches = math.ceil(self.num_samples / self.batch_size)
+        per_rank = math.ceil(num_batches / trainer.world_size)
+        mine = list(range(trainer.global_rank, num_batches, trainer.world_size))
+        pool, indices = [], []
+        for j in range(per_rank):
+            # all_gather needs as many batches of one shape on every rank: a rank short of batches
+            # draws one again and marks it -1, as the padding of a short last batch
+            k = mine[j] if j < len(mine) else mine[-1] if mine else 0
+            index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples))
+            labels = index % model.num_classes
+            z = draw(model, self.sampler, pl_module.diffusion_options, labels, batch_generator(self.seed, k, device),
+                     self.guidance_scale, self.guidance)  # fmt: skip
+            feats = features(self.extractor, UInt8Images(to_uint8(self.decoder(z))), self.batch_size)[POOL].to(device)
+            pad = self.batch_size - len(index)
+            pool.append(torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]))
+            marks = index if j < len(mine) else torch.full_like(index, -1)
+            indices.append(torch.cat([marks, torch.full((pad,), -1)]).to(device))
         model.train(was_training)
-        # (world, per_rank, ...) on every rank; indices past num_samples (the last rank's padding) are dropped.
-        pool, index = pl_module.all_gather(torch.cat(pool)), pl_module.all_gather(index.to(device))
+        pool, index = pl_module.all_gather(torch.cat(pool)), pl_module.all_gather(torch.cat(indices))
         if not trainer.is_global_zero:
             return None
-        pool = pool.reshape(-1, pool.shape[-1])[index.reshape(-1) < self.num_samples]
-        return frechet_distance(pool, self.reference)
+        pool, index = pool.reshape(-1, pool.shape[-1]), index.reshape(-1)
+        return frechet_distance(pool[index >= 0], self.reference)
 
     def state_dict(self):
         return {"best": self.best}
@@ -119,9 +129,7 @@ class FIDMonitor(Callback):
 
 def ema_backbone(trainer, pl_module):
     """The DiT with the EMA weights: the averaged copy that Lightning's `WeightAveraging` keeps
-    (conf/callbacks/default.yaml), or the live weights when a run has no EMA. Lightning 2.6 offers no
-    public accessor for the copy; it is an `AveragedModel` of the whole LightningModule."""
+    (conf/callbacks/ema.yaml), or the live weights when a run has no EMA."""
     averaging = next((c for c in trainer.callbacks if isinstance(c, WeightAveraging)), None)
-    if averaging is None or averaging._average_model is None:
-        return pl_module.model
-    return averaging._average_model.module.model
+    average = averaged_model(averaging) if averaging is not None else None
+    return pl_module.model if average is None else average.module.model

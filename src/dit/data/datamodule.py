@@ -1,16 +1,5 @@
-"""Precomputed VAE latents, streamed from litdata shards.
-
-The official recipe encodes every image with the VAE at every step and samples a fresh latent from
-its posterior, with horizontal flips as the only augmentation (the official train.py). Here each
-record holds the posterior (mean and std) of an image AND of its mirror image, encoded once; each
-time a sample is drawn one of the two is picked and a latent is sampled from it — the same
-distribution of training inputs, at no VAE cost:
-
-    record = {"label": int, "posterior": float16 array (2, 2, C, H, W)}
-                                          [image, flip] x [mean, std]
-
-A folder of shards also holds `meta.json` (channels, latent size, classes, count, source), which
-is checked against the model before training starts.
+"""The LightningDataModule of precomputed VAE latents: litdata shards (dit.data.shards) streamed
+in fixed-shape batches, a latent sampled from each record's posterior on the device.
 
 Reading keeps up with a GPU at the paper's 32 images per GPU (docs/benchmarks.md): a record is
 decoded as a view of the chunk litdata holds and copied once, straight into a batch block of
@@ -19,60 +8,18 @@ hands the training process only the block's number, and the training process cop
 out and frees the block at once.
 """
 
-import bisect
-import itertools
-import json
-import logging
-import multiprocessing
 import platform
-import struct
-import zlib
 from pathlib import Path
 
 import litdata
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from litdata.constants import _NUMPY_DTYPES_MAPPING  # the shard format's dtype table (private: litdata pinned below 0.3)
-from litdata.streaming.serializers import NumpySerializer
-from torch.utils.data import DataLoader, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from dit.data.shards import META_FILE, PosteriorView, ShardDataset, check_shards, read_json
 from dit.errors import UsageError
-
-META_FILE = "meta.json"
-logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache size at every epoch
-
-
-def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
-    """Write an iterable of (label, posterior) pairs as litdata shards plus `meta.json`.
-
-    `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]. `meta` gives
-    channels, latent_size, num_classes and source.
-    """
-    records = list(records)
-    output_dir = Path(output_dir)
-    # litdata switches the whole process to "spawn" for its writers; left so, every loader worker
-    # started later in this process would import torch anew (~10 s each on 2 cores)
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    try:
-        litdata.optimize(
-            fn=_to_record,
-            inputs=records,
-            output_dir=str(output_dir),
-            chunk_bytes=chunk_bytes,
-            num_workers=num_workers,
-            mode="overwrite",
-            verbose=False,
-        )
-    finally:
-        multiprocessing.set_start_method(start_method, force=True)
-    meta = dict(meta, num_samples=len(records), chunk_crc32=chunk_checksums(output_dir))
-    (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
-
-
-def _to_record(item):
-    label, posterior = item
-    return {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+from dit.platform.compat import end_loader_restore, new_shared_storage
 
 
 class LatentDataModule(LightningDataModule):
@@ -81,7 +28,9 @@ class LatentDataModule(LightningDataModule):
     Each rank and loader worker reads its own part (litdata splits by rank and node), shuffled with
     `seed`, in fixed-shape batches (`drop_last`); the loader's position is saved in checkpoints so a
     run resumes mid-epoch. `global_batch_size` is the batch over all devices, as in the paper (256).
-    Validation draws a sample grid: one row per class of `sample_classes`.
+    Validation draws a sample grid: one row per class of `sample_classes`, in batches of
+    `sample_batch_size` (dit.diffusion.sampling's seeding: a grid is the same on any number of devices).
+    `pixels` says the "latents" are images in [-1, 1] (the digits), which need no VAE to be seen.
     """
 
     def __init__(
@@ -99,12 +48,15 @@ class LatentDataModule(LightningDataModule):
         cache_dir=None,
         sample_classes=(),
         samples_per_class=8,
+        sample_batch_size=64,
+        pixels=False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.path = str(path)
         self.flip = flip
         self.scale_factor = scale_factor
+        self.pixels = pixels
         self.batch_size = None  # per device, set in setup()
 
     def prepare_data(self):
@@ -136,7 +88,7 @@ class LatentDataModule(LightningDataModule):
             what = "does not exist" if not folder.exists() else f"holds no {META_FILE}"
             raise FileNotFoundError(
                 f"data folder {folder} {what}: point data.path at a folder of latent shards "
-                "(written by dit.data.write_shards)"
+                "(written by dit.data.shards.write_shards)"
             )
         check_shards(folder, read_chunks=self.trainer is None or self.trainer.local_rank == 0)
         meta = read_json(folder / META_FILE, "channels", "latent_size", "num_classes")
@@ -175,11 +127,12 @@ class LatentDataModule(LightningDataModule):
         )
 
     def val_dataloader(self):
-        """The conditions of the sample grid drawn at each validation: `samples_per_class` columns
-        for each class of `sample_classes`, as (label, index) pairs; index seeds each sample's noise."""
+        """The sample grid drawn at each validation: `samples_per_class` columns for each class of
+        `sample_classes`, as whole batches (batch number, labels, sample indices), which the
+        distributed sampler deals to the devices."""
         labels = torch.tensor(list(self.hparams.sample_classes), dtype=torch.long)
-        labels = labels.repeat_interleave(self.hparams.samples_per_class)
-        return DataLoader(TensorDataset(labels, torch.arange(len(labels))), batch_size=max(1, len(labels)))
+        return DataLoader(GridBatches(labels.repeat_interleave(self.hparams.samples_per_class),
+                                      self.hparams.sample_batch_size), batch_size=None)  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         """On the device: pick the image or its flip, sample z ~ N(mean, std²), scale it."""
@@ -188,94 +141,18 @@ class LatentDataModule(LightningDataModule):
         return sample_latents(batch["posterior"], self.flip, self.scale_factor), batch["label"]
 
 
-def check_shards(folder, read_chunks=True):
-    """Every chunk litdata's index names is there and whole: a missing or truncated chunk (a stat
-    per file) or, where meta.json records the chunks' CRC-32s (`write_shards` and dit.extract
-    write them), a chunk with a changed byte fails here, naming itself, not deep inside a loader
-    worker or silently as a wrong latent. A chunk's CRC is read once: `.checked.json` remembers
-    the size, mtime and inode of the chunks that passed (where the folder can be written), and
-    only with `read_chunks` (one process per node: the others stat the files)."""
-    index = folder / "index.json"
-    if not index.exists():
-        raise FileNotFoundError(f"{folder} has no index.json: it is not a folder of litdata shards")
-    expected = read_json(folder / META_FILE).get("chunk_crc32", {}) if (folder / META_FILE).exists() else {}
-    checked_file = folder / ".checked.json"
-    try:
-        checked = json.loads(checked_file.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: rebuilt
-        checked = {}
-    passed = {}
-    for chunk in read_json(index, "chunks")["chunks"]:
-        path = folder / chunk["filename"]
-        if not path.exists():
-            raise FileNotFoundError(f"shard {path} is missing; restore it or write the shards again")
-        stat = path.stat()
-        if stat.st_size != chunk["chunk_bytes"]:
-            raise UsageError(
-                f"shard {path} is truncated or corrupt ({stat.st_size} bytes, the index says "
-                f"{chunk['chunk_bytes']}); restore it or write the shards again"
-            )
-        if chunk["filename"] in expected and read_chunks:
-            mark = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]  # a copy (cp -a, rsync -a) is a new inode
-            if checked.get(chunk["filename"]) != mark and file_crc32(path) != expected[chunk["filename"]]:
-                raise UsageError(f"shard {path} is corrupt: it fails its CRC-32 check (a changed byte); restore it or write the shards again")
-            passed[chunk["filename"]] = mark
-    if passed and passed != checked:
-        try:
-            checked_file.write_text(json.dumps(passed))
-        except OSError:
-            pass  # a read-only folder: the chunks are read again at the next start
+class GridBatches(Dataset):
+    """Batch k of a sample grid: (k, its labels, its sample indices [kB, (k+1)B))."""
 
+    def __init__(self, labels, batch_size):
+        self.labels, self.batch_size = labels, batch_size
 
-def file_crc32(path):
-    """CRC-32 of a file, as 8 hex digits."""
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
 
-
-def chunk_checksums(folder):
-    """{chunk file name: CRC-32} of every chunk of a shard folder's index, for meta.json."""
-    chunks = read_json(Path(folder) / "index.json", "chunks")["chunks"]
-    return {c["filename"]: file_crc32(Path(folder) / c["filename"]) for c in chunks}
-
-
-def read_json(path, *keys):
-    """A JSON file of the shard folder that holds `keys`, or a UsageError that names it."""
-    try:
-        content = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path} is corrupt ({err}); restore it or write the shards again") from None
-    missing = [k for k in keys if not isinstance(content, dict) or k not in content]
-    if missing:
-        raise UsageError(f"{path} lacks {', '.join(missing)}: it was not written by dit.data.write_shards; write the shards again")
-    return content
-
-
-class ShardDataset(litdata.StreamingDataset):
-    """litdata's dataset, reporting a record that cannot be decoded (a changed byte in a chunk's
-    header or offsets: litdata's struct.error or a buffer of the wrong size) by naming its chunk."""
-
-    def __init__(self, path, **kwargs):
-        super().__init__(path, **kwargs)
-        self.folder = path
-
-    def __getitem__(self, index):
-        try:
-            return super().__getitem__(index)
-        except (struct.error, ValueError, RuntimeError, IndexError) as err:
-            if "://" in self.folder:  # streamed: a failed download looks the same; keep litdata's own error
-                raise
-            chunks = read_json(Path(self.folder) / "index.json", "chunks")["chunks"]
-            chunk = getattr(index, "chunk_index", None)  # iteration passes litdata's ChunkedIndex
-            if chunk is None:  # a plain record number: chunks hold consecutive records
-                chunk = bisect.bisect_right(list(itertools.accumulate(c["chunk_size"] for c in chunks)), int(index))
-            name = Path(self.folder) / chunks[chunk]["filename"]
-            raise UsageError(
-                f"shard {name} cannot be decoded ({type(err).__name__}: {err}); it is corrupt: restore it or write the shards again"
-            ) from None
+    def __getitem__(self, k):
+        index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(self.labels)))
+        return k, self.labels[index], index
 
 
 def sample_latents(posterior, flip, scale_factor):
@@ -290,18 +167,6 @@ def sample_latents(posterior, flip, scale_factor):
         chosen = posterior[:, 0]
     mean, std = chosen[:, 0], chosen[:, 1]
     return (mean + std * torch.randn_like(mean)) * scale_factor
-
-
-class PosteriorView(NumpySerializer):
-    """litdata's decoding of a record's posterior without its copy: a read-only view of the
-    record's bytes in the chunk litdata holds (a memory map of a local shard). `CollateRecords`
-    copies it into the batch; the view keeps the chunk mapped until then. Same bytes on disk:
-    dtype index, number of dims, dims (uint32 each), then the array."""
-
-    def deserialize(self, data):
-        dtype_index, ndim = struct.unpack_from("<II", data)
-        shape = struct.unpack_from(f"<{ndim}I", data, 8)
-        return np.frombuffer(data, _NUMPY_DTYPES_MAPPING[dtype_index], offset=8 + 4 * ndim).reshape(shape)
 
 
 class CollateRecords:
@@ -341,7 +206,7 @@ class CollateRecords:
             self.pool[1][slot] = 1  # the training process sets it back to 0 once it has copied the batch out
             block = self.pool[0][slot][:size]
         elif worker:  # all this worker's blocks in use (never wait: no deadlock), or not a LatentLoader's worker
-            block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+            block = torch.empty(0, dtype=torch.uint8).set_(new_shared_storage(size))
         else:
             block = torch.empty(size, dtype=torch.uint8)
         batch = self.views(block, n)
@@ -386,8 +251,15 @@ class LatentLoader(litdata.StreamingDataLoader):
                          pin_memory=pin_memory and not self.reuse_blocks, **kwargs)  # fmt: skip
         self.collate = collate
         self.pin_batches = pin_memory
+        self.began_restored_epoch = False
 
     def __iter__(self):
+        # An epoch that began from a restored position (an exact resume) is replayed by litdata at
+        # every later __iter__ too, until one ends in StopIteration, which Lightning never asks for:
+        # the next epoch is a new one.
+        if self.began_restored_epoch:
+            end_loader_restore(self)
+        self.began_restored_epoch = bool(getattr(self, "restore", False))
         if not self.reuse_blocks:
             yield from super().__iter__()
             return

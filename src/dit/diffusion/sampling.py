@@ -1,0 +1,48 @@
+"""The one way this project draws samples: train.py's sample grids, the FID monitor,
+`python -m dit.sample`, the digits check and the benchmark all call `draw`.
+
+One seeding scheme: samples are drawn in batches of a fixed size, batch k holding samples
+[kB, (k+1)B); every random number of batch k (random labels, the starting noise, each step's
+noise) comes from `batch_generator(seed, k)`. Batches go to devices whole, so an image depends on
+the seed, its batch size and its index, never on the number of devices that drew it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dit.diffusion.guidance import guided
+from dit.diffusion.samplers import Sampler
+
+
+def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of batch `batch_index` of a run seeded with `seed`, on `device` (on the CPU
+    for an XLA device, which has no generator of its own; its draws are copied over)."""
+    device = torch.device(device)
+    where = "cpu" if device.type == "xla" else device
+    return torch.Generator(where).manual_seed(seed * 2**32 + batch_index)
+
+
+def batch_labels(indices: torch.Tensor, classes: list[int] | None, num_classes: int,
+                 generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """Labels of samples `indices`: the (i mod K)-th of `classes` (columns of a grid are classes),
+    or, without classes, uniform random labels from the batch's generator (the official sample_ddp.py)."""
+    if classes:
+        return torch.tensor(classes, device=generator.device)[indices.to(generator.device) % len(classes)]
+    return torch.randint(0, num_classes, (len(indices),), generator=generator, device=generator.device)
+
+
+def draw(model, sampler: Sampler, diffusion_options: dict, labels: torch.Tensor, generator: torch.Generator,
+         guidance_scale: float = 1.0, guidance: str = "official", progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Latents (N, C, I, I) of class `labels` from `model` (a DiT), with classifier-free guidance at
+    `guidance_scale` (1: none), drawn by `sampler` from noise of `generator`.
+
+    `diffusion_options` are the keywords of the diffusion the model was trained with
+    (DiTModule.diffusion_options; a checkpoint's `module.diffusion`)."""
+    device = next(model.parameters()).device
+    shape = (len(labels), model.in_channels, model.input_size, model.input_size)
+    noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    model_kwargs = dict(y=labels.to(device))
+    return sampler.sample(
+        guided(model, guidance_scale, guidance), noise, diffusion_options, model_kwargs, generator, progress
+    )

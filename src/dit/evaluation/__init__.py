@@ -1,0 +1,1 @@
+"""Sampling from checkpoints, FID, the digits check, plots."""

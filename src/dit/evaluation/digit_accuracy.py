@@ -1,0 +1,41 @@
+"""Does a model trained on the digits draw the digit it is asked for? The quickstart's check."""
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from dit.data.digits import classify
+from dit.diffusion import batch_generator, draw
+from dit.evaluation.images import make_grid, save_png
+
+
+class DigitAccuracy(Callback):
+    """At the end of training: draw `samples_per_class` guided samples of each digit with the
+    final (EMA) weights, through the run's `sampler` and diffusion, and report the fraction a
+    classifier fitted on the real digits labels as the digit that was asked for (logged as
+    `digits/accuracy`)."""
+
+    def __init__(self, sampler, samples_per_class=50, guidance_scale=4.0, seed=0):
+        self.sampler = sampler
+        self.samples_per_class = samples_per_class
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.accuracy = None
+
+    def on_train_end(self, trainer, pl_module):
+        # WeightAveraging has copied the EMA weights into the model by now (its on_train_end runs first).
+        if not trainer.is_global_zero:
+            return
+        model = pl_module.model.eval()
+        labels = torch.arange(10).repeat_interleave(self.samples_per_class)
+        generator = batch_generator(self.seed, 0, pl_module.device)  # one batch
+        samples = draw(model, self.sampler, pl_module.diffusion_options, labels, generator, self.guidance_scale)
+        self.accuracy = float((classify(samples) == labels.numpy()).mean())
+        first = samples.view(10, self.samples_per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
+        grid = make_grid(((first + 1) / 2).cpu(), nrow=min(10, self.samples_per_class))
+        path = save_png(grid, Path(trainer.default_root_dir) / "samples" / "final.png")
+        print(f"digits: a classifier fitted on the real digits labels {self.accuracy:.1%} of "
+              f"{len(labels)} guided samples (scale {self.guidance_scale}) as the digit asked for; grid: {path}")  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics({"digits/accuracy": self.accuracy}, step=trainer.global_step)

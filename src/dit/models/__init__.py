@@ -1,0 +1,16 @@
+"""The DiT backbone (dit.py), its Gflops (flops.py). `from dit.models import DiT_models, DiT` as
+in the official code."""
+
+from dit.models.dit import (
+    CONDITIONINGS,
+    SIZES,
+    DiT,
+    DiT_models,
+    backbone_state_dict,
+    config_name,
+    describe_state_dict,
+    infer_config,
+)  # fmt: skip
+
+__all__ = ["CONDITIONINGS", "SIZES", "DiT", "DiT_models", "backbone_state_dict", "config_name",
+           "describe_state_dict", "infer_config"]  # fmt: skip

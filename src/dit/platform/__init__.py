@@ -1,0 +1,1 @@
+"""Hardware paths (torch_xla) and the private library names this project uses (compat.py)."""

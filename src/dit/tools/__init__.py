@@ -1,0 +1,1 @@
+"""Commands around training: latent extraction, exports, the benchmark."""

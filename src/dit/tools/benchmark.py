@@ -1,0 +1,288 @@
+"""How fast the training step and the sampler run, as a share of what the hardware can do.
+
+    python -m dit.benchmark --model DiT-XL/2 --batch-size 32                # one GPU: step + MFU
+    python -m dit.benchmark --model DiT-XL/2 --batch-size 32 --devices 2    # DDP over 2 GPUs
+    python -m dit.benchmark --model DiT-XL/2 --batch-size 0 --time-sampler  # largest batch that fits, + sampler
+    python -m dit.benchmark --model DiT-S/8 --image-size 64 --batch-size 4 --steps 3 --time-sampler sampler.steps=5   # CPU
+
+The training step is the one train.py runs — DiTModule (hybrid loss, AdamW, EMA through Lightning's
+dit.ema.EMA, the NaN guard) under a Lightning Trainer — fed in-memory latents, so the loader is
+not measured here (`benchmarks/loader.py` measures it); the timed steps hold no logging step (one
+in 100 in training, with one device sync). Model FLOPs count 2 per multiply-add; a training step
+costs 3× the forward pass (backward ≈ 2×), as in PaLM's MFU (Chowdhery et al. 2022, App. B) and
+nanoGPT's `estimate_mfu`; activation checkpointing's recomputation is not counted, so it lowers the
+share. The matmul rate is measured in the same process on the same device, in the dtype of the
+run's matmuls (bf16 under bf16-mixed), and the share is taken against it.
+"""
+
+import argparse
+import json
+import time
+from functools import partial
+
+import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.strategies import DDPStrategy
+
+from dit.config import sampler_from
+from dit.diffusion import DDPM, Hybrid, batch_generator, draw
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
+from dit.models import DiT, DiT_models
+from dit.models.flops import count_gflops
+from dit.training.callbacks.ema import EMA
+from dit.training.callbacks.nonfinite_guard import NonFiniteGuard
+from dit.training.module import DiTModule
+
+# The DDP settings of conf/trainer/ddp.yaml (a test checks they agree), so --devices measures what
+# train.py trainer=ddp runs.
+DDP_OPTIONS = dict(gradient_as_bucket_view=True, bucket_cap_mb=100, broadcast_buffers=False)
+
+
+def matmul_tflops(device, dtype, size=None, windows=None):
+    """Dense square-matmul rate (TFLOP/s, 2 per multiply-add) of `device` in `dtype`: the best of
+    several timed windows after a warm-up, so clocks have ramped up and no window is unlucky."""
+    cuda = device.type == "cuda"
+    size, windows = size or (8192 if cuda else 1024), windows or (8 if cuda else 3)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    reps = 1
+    while True:  # calibrate to ~0.25 s a window; this doubles as the warm-up
+        start = _now(device)
+        for _ in range(reps):
+            a @ b
+        if _now(device) - start > (0.25 if cuda else 0.1):
+            break
+        reps *= 2
+    best = 0.0
+    for _ in range(windows):
+        start = _now(device)
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * size**3 * reps / (_now(device) - start) / 1e12)
+    return best
+
+
+def _now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def forward_gflop(kwargs):
+    """GFLOP of one image's forward pass of DiT(**kwargs), 2 per multiply-add: twice the paper's Gflops."""
+    with torch.device("meta"):
+        return 2 * count_gflops(DiT(**kwargs))
+
+
+def model_kwargs(name, image_size, activation_checkpointing=False):
+    """DiT keyword arguments of a paper config (ImageNet: 4-channel latents, 1000 classes)."""
+    with torch.device("meta"):
+        net = DiT_models[name](input_size=image_size // 8)
+    depth, hidden = len(net.blocks), net.pos_embed.shape[-1]
+    return dict(input_size=image_size // 8, patch_size=net.patch_size, in_channels=4, num_classes=1000,
+                depth=depth, hidden_size=hidden, num_heads=net.num_heads,
+                activation_checkpointing=activation_checkpointing)  # fmt: skip
+
+
+class InMemoryLatents:
+    """`steps` batches of the same random latents and labels (only their shape matters here)."""
+
+    def __init__(self, batch_size, kwargs, steps):
+        size = kwargs["input_size"]
+        self.batch = (torch.randn(batch_size, kwargs["in_channels"], size, size),
+                      torch.randint(0, kwargs["num_classes"], (batch_size,)))  # fmt: skip
+        self.steps = steps
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
+class StepTimer(Callback):
+    """Wall time and peak memory of the steps after `warmup` (compilation, cuDNN/cuBLAS autotuning
+    and allocator growth happen in the warm-up), with one device sync at each end of the window."""
+
+    def __init__(self, warmup):
+        self.warmup = warmup
+        self.start = self.end = None
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = _now(module.device)
+            if module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(module.device)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.end = _now(module.device) if batch_idx + 1 == trainer.max_steps else self.end
+            self.steps += 1
+
+
+def benchmark_training(args, kwargs, accelerator):
+    total = args.warmup + args.steps
+    module = DiTModule(  # the recipe of conf/train.yaml
+        model=DiT(**kwargs),
+        optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
+        diffusion=dict(timestep_respacing=""),
+        objective=Hybrid(),
+        sampler=DDPM(),
+        sampling=dict(guidance_scale=1.0, guidance="official", seed=0),
+        compile=args.compile,
+    )
+    timer = StepTimer(args.warmup)
+    trainer = Trainer(
+        accelerator=accelerator, devices=args.devices, precision=args.precision, max_steps=total,
+        strategy=DDPStrategy(**DDP_OPTIONS) if args.devices > 1 or args.ddp else "auto",
+        callbacks=[EMA(), NonFiniteGuard(args.nonfinite_guard), timer],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, log_every_n_steps=100,
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=InMemoryLatents(args.batch_size, kwargs, total))
+    seconds = timer.end - timer.start
+    device = trainer.strategy.root_device
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")  # what nvidia-smi sees, roughly
+    images = args.batch_size * trainer.world_size * timer.steps
+    return trainer, dict(
+        step_ms=1e3 * seconds / timer.steps, images_per_sec=images / seconds, peak_gib=peak, reserved_gib=reserved
+    )
+
+
+def benchmark_sampler(args, kwargs, device, dtype):
+    """The paper's sampler through `dit.diffusion.draw`: `sampler.steps` DDPM steps (sampler=
+    overrides) with classifier-free guidance (one batched forward over conditional + unconditional
+    halves), random weights, under autocast."""
+    torch.manual_seed(0)
+    net = DiT(**{**kwargs, "activation_checkpointing": False}).to(device).eval()
+    compile = device.type == "cuda" if args.compile == "auto" else args.compile
+    if compile:
+        net.compile(mode=None if compile is True else compile)
+    sampler = sampler_from(args.overrides)
+    options = dict(learn_sigma=net.learn_sigma)
+    labels = torch.randint(0, kwargs["num_classes"], (args.sample_batch_size,))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run(which):
+        with torch.no_grad(), autocast:
+            start = _now(device)
+            draw(net, which, options, labels, batch_generator(0, 0, device), args.guidance_scale)
+            return _now(device) - start
+
+    run(DDPM("3"))  # warm-up: compilation; every step has the same shapes, so the real loop reuses it
+    seconds = run(sampler)
+    steps = sampler.process(options).num_timesteps
+    forwards = steps * (2 if args.guidance_scale != 1 else 1)
+    return dict(images_per_sec=args.sample_batch_size / seconds, seconds=seconds, forwards_per_image=forwards)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-XL/2", help="a config of Table 4, e.g. DiT-XL/2")
+    p.add_argument("--image-size", type=int, default=256, help="pixels; the latent is 1/8 of it")
+    p.add_argument("--batch-size", type=int, default=32, help="per device; 0 = the largest power of 2 that fits")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    p.add_argument("--devices", type=int, default=1, help="DDP over this many GPUs when > 1")
+    p.add_argument(
+        "--ddp",
+        action="store_true",
+        help="DDP even on one device: what DDP costs the step besides the all-reduce between GPUs",
+    )
+    p.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
+    p.add_argument("--compile", default="auto", type=lambda s: {"true": True, "false": False}.get(s, s),
+                   help="auto (on for CUDA) | true | false | a torch.compile mode, e.g. reduce-overhead")  # fmt: skip
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--nonfinite-guard", type=int, default=10, help="callbacks.nonfinite_guard.max_in_a_row (0: off)")
+    p.add_argument("--time-sampler", action="store_true", help="also time the guided sampler (sampler= overrides)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="sampler=...", help="the sampler as in train.py: sampler=ddim sampler.steps=..."
+    )
+    p.add_argument("--sample-batch-size", type=int, default=64)
+    p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument("--no-train", action="store_true", help="only the sampler")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    accelerator = "gpu" if cuda else "cpu"
+    args.precision = args.precision or ("bf16-mixed" if cuda else "32-true")
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs as the official code
+    kwargs = model_kwargs(args.model, args.image_size, args.activation_checkpointing)
+    fwd = forward_gflop(kwargs)
+    result = dict(model=args.model, image_size=args.image_size, precision=args.precision, compile=args.compile,
+                  devices=args.devices, ddp=args.devices > 1 or args.ddp, forward_gflop_per_image=fwd, train_gflop_per_image=3 * fwd)  # fmt: skip
+    rank0 = True
+    if not args.no_train:
+        if args.batch_size == 0:
+            args.batch_size = largest_batch(args, kwargs, accelerator)
+        trainer, train = benchmark_training(args, kwargs, accelerator)
+        rank0 = trainer.is_global_zero
+        device = trainer.strategy.root_device
+        result.update(batch_size=args.batch_size, **{f"train_{k}": v for k, v in train.items()})
+    else:
+        device = torch.device("cuda" if cuda else "cpu")
+    if not rank0:
+        return result
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result["matmul_dtype"] = str(dtype).removeprefix("torch.")
+    result["matmul_tflops"] = rate = matmul_tflops(device, dtype)
+    if not args.no_train:
+        per_device = result["train_images_per_sec"] / args.devices
+        result["train_tflops_per_device"] = achieved = per_device * 3 * fwd / 1e3
+        result["train_mfu"] = achieved / rate
+    if args.time_sampler:
+        s = benchmark_sampler(args, kwargs, device, dtype)
+        result.update({f"sampler_{k}": v for k, v in s.items()}, sample_batch_size=args.sample_batch_size)
+        result["sampler_tflops"] = achieved = s["images_per_sec"] * s["forwards_per_image"] * fwd / 1e3
+        result["sampler_mfu"] = achieved / rate
+    report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def largest_batch(args, kwargs, accelerator):
+    """Doubles the per-device batch from 32 until a step runs out of memory (CUDA only)."""
+    if accelerator != "gpu":
+        raise UsageError("--batch-size 0 (the largest that fits) needs a GPU; give a batch size")
+    best, batch = None, 32
+    while True:
+        trial = argparse.Namespace(**{**vars(args), "batch_size": batch, "steps": 1, "warmup": 1, "devices": 1})
+        try:
+            benchmark_training(trial, kwargs, accelerator)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if best is None:
+                raise UsageError(f"{args.model} does not fit at batch 32; try --activation-checkpointing") from None
+            return best
+        best, batch = batch, batch * 2
+
+
+def report(r):
+    print(
+        f"{r['model']} at {r['image_size']}px on {r['device']} ×{r['devices']}{' (DDP)' if r['ddp'] else ''}, {r['precision']}, compile={r['compile']}"
+    )
+    print(f"  matmul rate ({r['matmul_dtype']}), measured: {r['matmul_tflops']:.1f} TFLOP/s")
+    print(
+        f"  model FLOPs per image: forward {r['forward_gflop_per_image']:.1f} GFLOP, train step {r['train_gflop_per_image']:.1f} GFLOP"
+    )
+    if "train_images_per_sec" in r:
+        print(f"  train, batch {r['batch_size']}/device: {r['train_images_per_sec']:.1f} images/s, "
+              f"step {r['train_step_ms']:.1f} ms, peak memory {r['train_peak_gib']:.2f} GiB allocated / {r['train_reserved_gib']:.2f} reserved, "
+              f"{r['train_tflops_per_device']:.1f} TFLOP/s per device = {100 * r['train_mfu']:.1f}% of the matmul rate")  # fmt: skip
+    if "sampler_images_per_sec" in r:
+        print(f"  sampler, batch {r['sample_batch_size']} ({r['sampler_forwards_per_image']} forwards/image): "
+              f"{r['sampler_images_per_sec']:.2f} images/s, {r['sampler_tflops']:.1f} TFLOP/s = "
+              f"{100 * r['sampler_mfu']:.1f}% of the matmul rate")  # fmt: skip
+
+
+if __name__ == "__main__":
+    exit_on_usage_error(main)

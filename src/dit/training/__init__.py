@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its callbacks, checkpoints, run folders and their manifests."""

@@ -1,0 +1,165 @@
+"""The LightningModule: a DiT backbone, a training objective over the paper's diffusion, AdamW,
+and sample grids drawn by the configured sampler.
+
+Everything else a run needs is a callback (conf/callbacks/): the EMA of the weights
+(callbacks/ema.py; decay 0.9999, paper §4), which swaps the EMA weights in for validation, where
+the grids are drawn, and saves them as the checkpoint's `state_dict`; the non-finite guard; the RNG
+states of an exact resume; the throughput.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+
+from dit.data.decoding import make_decoder
+from dit.diffusion import Objective, Sampler, create_diffusion, draw
+from dit.diffusion.sampling import batch_generator
+from dit.errors import UsageError
+from dit.evaluation.images import make_grid, save_png
+from dit.models import DiT, backbone_state_dict, describe_state_dict
+from dit.training.checkpoints import load_weights_file
+
+COMPILE_CHOICES = (True, False, "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What "auto" means on a CUDA device: CUDA graphs replay the step's hundreds of kernel launches at
+# once; at the paper's 32 images per GPU the step is otherwise bound by the CPU launching them.
+CUDA_COMPILE_MODE = "reduce-overhead"
+
+
+class DiTModule(LightningModule):
+    """
+    Args:
+        model: the backbone (conf/model builds a `dit.models.DiT`).
+        optimizer: a partial optimizer, called with the parameters (conf: torch.optim.AdamW with
+            `_partial_: true`; paper: lr 1e-4, no weight decay).
+        diffusion: keyword arguments of `create_diffusion` for training (paper: all 1000 steps).
+        objective: what training minimises (conf/objective; paper: `Hybrid`, L_simple + L_vlb).
+        sampler: how the sample grids are drawn (conf/sampler; paper: `DDPM`, 250 steps).
+        sampling: the grids' `guidance_scale`, `guidance` variant and `seed`; their classes come
+            from the data, drawn every `trainer.val_check_interval` steps.
+        init_from: a checkpoint whose (EMA) weights start the run: the official
+            `DiT-XL-2-256x256.pt`, an official training checkpoint, an export, or a train.py checkpoint.
+        compile: compile the backbone's forward with torch.compile: true, false, "auto" (on CUDA
+            devices only: compiling pays for itself within minutes there, not on a CPU), or one of
+            torch.compile's modes ("reduce-overhead" adds CUDA graphs, "max-autotune" ...).
+    """
+
+    def __init__(self, model: DiT, optimizer: partial, diffusion: dict, objective: Objective, sampler: Sampler,
+                 sampling: dict, init_from: str | None = None, compile: bool | str = "auto"):  # fmt: skip
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "objective", "sampler"])
+        self.model = model
+        if init_from:
+            try:
+                self.model.load_state_dict(backbone_state_dict(load_weights_file(init_from)))
+            except UsageError as err:
+                raise UsageError(f"module.init_from={init_from}: {err}") from None
+        self.optimizer_factory = optimizer
+        self.diffusion_options = {k: v for k, v in diffusion.items() if k != "timestep_respacing"}
+        self.diffusion = create_diffusion(**diffusion)
+        self.objective = objective
+        self.sampler = sampler
+        self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
+        self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
+        self._grid = []
+        self._compiled = False
+
+    def setup(self, stage):
+        if stage != "fit" or self._compiled:  # Lightning calls setup for each fit/validate/test
+            return
+        compile = self.hparams.compile
+        if compile not in COMPILE_CHOICES:
+            raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
+        if compile == "auto":
+            compile = CUDA_COMPILE_MODE if self.trainer.strategy.root_device.type == "cuda" else False
+        if compile:
+            mode = None if compile is True else compile
+            # The sampler (sample grids, FID) calls the backbone alone; in place, so state-dict
+            # keys stay those of the official layout.
+            self.model.compile()
+            # The training step compiles as one graph: backbone AND the loss around it, whose
+            # dozens of small fp32 ops then fuse instead of each being a kernel launch.
+            self._losses = torch.compile(self._losses, mode=mode)
+            self._compiled = True
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        t = self.objective.timesteps(x.shape[0], self.diffusion, x.device)
+        terms = self._losses(x, t, y)
+        # Device tensors: Lightning reads them on the host only every log_every_n_steps. Not on the
+        # progress bar: its values are read at every step, a host sync per step.
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.mean())
+        return terms["loss"].mean()
+
+    def _losses(self, x, t, y):
+        """Per-sample loss terms of the objective (one graph under `compile`)."""
+        return self.objective.losses(self.model, self.diffusion, x, t, dict(y=y), torch.randn_like(x))
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
+        # Fused where the optimizer has it: one kernel for the whole update, on CUDA and on CPUs; it
+        # can also skip an update on the device (callbacks/nonfinite_guard.py).
+        has_fused = "fused" in inspect.signature(self.optimizer_factory.func).parameters
+        if has_fused and "fused" not in self.optimizer_factory.keywords and self.device.type in ("cuda", "cpu"):
+            return self.optimizer_factory(params, fused=True)
+        return self.optimizer_factory(params)
+
+    def on_train_start(self):
+        # The optimizer's settings come from this run's config, also when a checkpoint restored
+        # the optimizer's state (with the settings it was saved with): train.py refuses a resume
+        # whose settings changed unless accept_changes=true, and then the new ones are in force.
+        for group in self.trainer.optimizers[0].param_groups:
+            for key, value in self.optimizer_factory.keywords.items():
+                if key in group and key != "fused":
+                    group[key] = tuple(value) if isinstance(value, list) else value
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["config"] = self.run_config
+        checkpoint["manifest"] = self.run_manifest
+
+    def on_load_checkpoint(self, checkpoint):
+        theirs = backbone_state_dict(checkpoint)
+        if describe_state_dict(theirs) != describe_state_dict(self.model.state_dict()):
+            raise UsageError(
+                f"the checkpoint holds {describe_state_dict(theirs)}, but this run builds "
+                f"{describe_state_dict(self.model.state_dict())}; resume with the config it was trained with"
+            )
+
+    # ------------------------------------------------------------------ sample grids (EMA weights)
+
+    def validation_step(self, batch, batch_idx):
+        k, labels, index = batch
+        s = self.hparams.sampling
+        generator = batch_generator(s["seed"], int(k), self.device)
+        z = draw(
+            self.model, self.sampler, self.diffusion_options, labels, generator, s["guidance_scale"], s["guidance"]
+        )
+        self._grid.append((index.to(self.device), z))
+
+    def on_validation_epoch_end(self):
+        index = torch.cat([i for i, _ in self._grid])
+        z = torch.cat([z for _, z in self._grid])
+        self._grid.clear()
+        # Over devices: (world, n, ...) gathered, flattened; on one device all_gather is identity.
+        index, z = self.all_gather(index).reshape(-1), self.all_gather(z).reshape(-1, *z.shape[1:])
+        if not self.trainer.is_global_zero:
+            return
+        order = torch.zeros(int(index.max()) + 1, dtype=torch.long)
+        order[index.cpu()] = torch.arange(len(index))  # duplicates from a padded sampler collapse
+        data = self.trainer.datamodule
+        decoder = make_decoder(getattr(data, "pixels", False), getattr(data, "scale_factor", 1.0))
+        images = ((decoder(z[order.to(z.device)]) + 1) / 2).clamp(0, 1)
+        # One copy to the host: make_grid's per-image slices would each be a graph of their own on XLA.
+        grid = make_grid(images.cpu(), nrow=data.hparams.samples_per_class)
+        path = Path(self.trainer.default_root_dir) / "samples" / f"step_{self.global_step:07d}.png"
+        save_png(grid, path)
+        for logger in self.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image("samples/grid", [str(path)], step=self.global_step)

@@ -68,9 +68,17 @@ def ddp_child_command(local_rank):
     hydra_cfg = HydraConfig.get()
     job_dir = hydra_cfg.runtime.output_dir
     config = LAUNCH_CONFIG or Path(job_dir) / hydra_cfg.output_subdir / "config.yaml"  # lock_run=false: Hydra's
-    command = [sys.executable, os.path.abspath(sys.argv[0]), "-cp", str(config.parent),
-               "-cn", config.stem, f"hydra.run.dir={job_dir}", "hydra.output_subdir=null",
-               f"hydra.job.name=train_ddp_process_{local_rank}"]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.abspath(sys.argv[0]),
+        "-cp",
+        str(config.parent),
+        "-cn",
+        config.stem,
+        f"hydra.run.dir={job_dir}",
+        "hydra.output_subdir=null",
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+    ]
     return command, hydra.utils.get_original_cwd()
 
 
@@ -118,10 +126,16 @@ OmegaConf.register_new_resolver("sweep_job_folder", sweep_job_folder, replace=Tr
 # The knobs most often typed on the command line: their type and smallest value. A wrong one fails
 # here, by name, rather than as a TypeError or ZeroDivisionError deep inside Lightning or torch.
 NUMERIC_KNOBS = {
-    "seed": (int, 0), "patch": (int, 1), "trainer.max_steps": (int, -1), "trainer.log_every_n_steps": (int, 1),
-    "trainer.val_check_interval": (int, 1), "data.global_batch_size": (int, 1), "data.num_workers": (int, 0),
-    "module.optimizer.lr": (float, 0), "module.optimizer.weight_decay": (float, 0),
-}  # fmt: skip
+    "seed": (int, 0),
+    "patch": (int, 1),
+    "trainer.max_steps": (int, -1),
+    "trainer.log_every_n_steps": (int, 1),
+    "trainer.val_check_interval": (int, 1),
+    "data.global_batch_size": (int, 1),
+    "data.num_workers": (int, 0),
+    "module.optimizer.lr": (float, 0),
+    "module.optimizer.weight_decay": (float, 0),
+}
 
 
 def check_config(cfg):
@@ -297,7 +311,7 @@ def fit(cfg, out, run_config, summary, lock):
                 gflops=summary["gflops"],
                 params=summary["params"],
                 tokens=summary["tokens"],
-            )  # fmt: skip
+            )
         )
     ddp_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:
@@ -319,8 +333,10 @@ def fit(cfg, out, run_config, summary, lock):
                 os.environ[key] = value
     stop = next((c for c in callbacks if isinstance(c, StopCheckpoint)), None)
     if stop is not None and stop.saved is not None:
-        print(f"received {stop.received}: saved {stop.saved} at step {trainer.global_step}; "
-              f"exiting with code {PREEMPTED_EXIT_CODE} (requeue, then resume=auto continues)")  # fmt: skip
+        print(
+            f"received {stop.received}: saved {stop.saved} at step {trainer.global_step}; "
+            f"exiting with code {PREEMPTED_EXIT_CODE} (requeue, then resume=auto continues)"
+        )
         sys.exit(PREEMPTED_EXIT_CODE)
     return out
 
@@ -338,8 +354,14 @@ def quote_values_with_equals(argv):
     for i, arg in enumerate(argv):
         key, sep, value = arg.partition("=")
         after_flag = i > 0 and argv[i - 1] in FLAGS_WITH_A_VALUE
-        if sep and "=" in value and "," not in value and OVERRIDE_KEY.fullmatch(key) and not after_flag \
-                and not value.startswith(("'", '"')):  # fmt: skip
+        if (
+            sep
+            and "=" in value
+            and "," not in value
+            and OVERRIDE_KEY.fullmatch(key)
+            and not after_flag
+            and not value.startswith(("'", '"'))
+        ):
             arg = key + "='" + value.replace("'", "\\'") + "'"
         quoted.append(arg)
     return quoted

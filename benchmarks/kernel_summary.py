@@ -55,8 +55,9 @@ def overlap(interval, union, starts):
 
 def summarize(trace, steps=1):
     """Per-step figures (ms) of the GPU kernels in a Chrome trace dict, and the top kernels."""
-    kernels = [e for e in trace["traceEvents"]
-               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]  # fmt: skip
+    kernels = [
+        e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
     if not kernels:
         return None
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
@@ -101,9 +102,11 @@ def summarize(trace, steps=1):
 
 
 def report(s, train_gflop_per_step=None):
-    print(f"  GPU kernels per step: window {s['window_ms']:.1f} ms, busy {s['busy_ms']:.1f} ms "
-          f"({100 * s['busy_ms'] / s['window_ms']:.0f}%), "
-          f"{s['compute_busy_ms']:.1f} ms of it with kernels other than NCCL")  # fmt: skip
+    print(
+        f"  GPU kernels per step: window {s['window_ms']:.1f} ms, busy {s['busy_ms']:.1f} ms "
+        f"({100 * s['busy_ms'] / s['window_ms']:.0f}%), "
+        f"{s['compute_busy_ms']:.1f} ms of it with kernels other than NCCL"
+    )
     for kind, t in s["kinds_ms"].items():
         print(f"    {kind:<16} {t:8.2f} ms")
     if s["nccl_ms"]:
@@ -111,8 +114,10 @@ def report(s, train_gflop_per_step=None):
             f"  NCCL {s['nccl_ms']:.2f} ms a step, {s['nccl_alongside_compute_ms']:.2f} ms of it while compute kernels ran"
         )
     if train_gflop_per_step and s["kinds_ms"].get("matmul"):
-        print(f"  model FLOPs over matmul + attention kernel time: "
-              f"{train_gflop_per_step / (s['kinds_ms']['matmul'] + s['kinds_ms'].get('attention', 0.0)):.0f} TFLOP/s")  # fmt: skip
+        print(
+            f"  model FLOPs over matmul + attention kernel time: "
+            f"{train_gflop_per_step / (s['kinds_ms']['matmul'] + s['kinds_ms'].get('attention', 0.0)):.0f} TFLOP/s"
+        )
     print(
         "  host calls that wait on the device (ms a step): "
         + (", ".join(f"{k} {v:.2f}" for k, v in s["host_waits_ms"].items()) or "none")

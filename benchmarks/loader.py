@@ -24,8 +24,14 @@ def main():
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
-    dm = LatentDataModule(args.path, channels=4, latent_size=32, num_classes=1000,
-                          global_batch_size=args.batch_size, num_workers=args.num_workers)  # fmt: skip
+    dm = LatentDataModule(
+        args.path,
+        channels=4,
+        latent_size=32,
+        num_classes=1000,
+        global_batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     # stands in for the GPU: training reads every byte of a batch (its copy to the device), and
@@ -42,9 +48,11 @@ def main():
         end = time.perf_counter()
         cpu = (cpu_seconds() - cpu_start) / n  # the workers count once reaped, at the epoch's end
         steady = (n - args.batch_size) / (end - first)
-        print(f"epoch {epoch}: {n} samples, {n / (end - start):,.0f} samples/s including the workers' start "
-              f"({first - start:.2f} s), {steady:,.0f} samples/s after the first batch "
-              f"({args.num_workers} workers, batch {args.batch_size}), {cpu * 1e6:.0f} µs of CPU a sample")  # fmt: skip
+        print(
+            f"epoch {epoch}: {n} samples, {n / (end - start):,.0f} samples/s including the workers' start "
+            f"({first - start:.2f} s), {steady:,.0f} samples/s after the first batch "
+            f"({args.num_workers} workers, batch {args.batch_size}), {cpu * 1e6:.0f} µs of CPU a sample"
+        )
 
 
 def cpu_seconds():

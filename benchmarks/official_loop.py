@@ -7,8 +7,8 @@ Per step, as the official train.py: uniform timesteps, `diffusion.training_losse
 `opt.zero_grad()`, `loss.backward()`, `opt.step()` with torch.optim.AdamW(lr=1e-4, weight_decay=0)
 (torch's default implementation), and its `update_ema` (a loop over the parameters, decay 0.9999).
 The model is dit.models.DiT, whose parameters and forward are those of the official models.py
-(tests/test_models.py loads the official checkpoint), the diffusion dit.diffusion's, equal to the
-official one (tests/test_diffusion.py). Latents come from memory (the official loop encodes images
+(tests/models/test_dit.py loads the official checkpoint), the diffusion dit.diffusion's, equal to the
+official one (tests/diffusion/). Latents come from memory (the official loop encodes images
 with the VAE at every step, which this leaves out, as `python -m dit.benchmark` does).
 """
 
@@ -62,10 +62,17 @@ def main():
         update_ema(ema, model)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = dict(model=args.model, batch_size=args.batch_size, device=torch.cuda.get_device_name(),
-                  images_per_sec=args.batch_size * args.steps / seconds, step_ms=1e3 * seconds / args.steps)  # fmt: skip
-    print(f"official loop (bf16 autocast + torch.compile), {args.model}, batch {args.batch_size} on {result['device']}: "
-          f"{result['images_per_sec']:.1f} images/s, step {result['step_ms']:.1f} ms")  # fmt: skip
+    result = dict(
+        model=args.model,
+        batch_size=args.batch_size,
+        device=torch.cuda.get_device_name(),
+        images_per_sec=args.batch_size * args.steps / seconds,
+        step_ms=1e3 * seconds / args.steps,
+    )
+    print(
+        f"official loop (bf16 autocast + torch.compile), {args.model}, batch {args.batch_size} on {result['device']}: "
+        f"{result['images_per_sec']:.1f} images/s, step {result['step_ms']:.1f} ms"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -106,10 +106,18 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, bench_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--devices", type=positive, nargs="+", required=True,
-                   help="device counts, each run after the one-device run it is divided by")  # fmt: skip
-    p.add_argument("--global-batch-size", type=positive,
-                   help="the batch summed over devices (the paper's: 256); each count N runs at this / N a device")  # fmt: skip
+    p.add_argument(
+        "--devices",
+        type=positive,
+        nargs="+",
+        required=True,
+        help="device counts, each run after the one-device run it is divided by",
+    )
+    p.add_argument(
+        "--global-batch-size",
+        type=positive,
+        help="the batch summed over devices (the paper's: 256); each count N runs at this / N a device",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds a run may take before it is killed")
     p.add_argument("--runner", help="a script to run instead of `python -m dit.benchmark`, e.g. benchmarks/variants.py")
     args = p.parse_args(ours)

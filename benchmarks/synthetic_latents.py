@@ -13,7 +13,7 @@ def main():
     post = np.random.default_rng(0).standard_normal((n, 2, 2, 4, size, size), dtype=np.float32).astype(np.float16)
     post[:, :, 1] = 0.05  # posterior std
     meta = dict(channels=4, latent_size=size, num_classes=1000, source="synthetic")
-    write_shards(((i % 1000, post[i]) for i in range(n)), path, meta, num_workers=4)
+    write_shards(((i % 1000, post[i]) for i in range(n)), path, meta)
 
 
 if __name__ == "__main__":

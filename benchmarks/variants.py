@@ -36,8 +36,9 @@ class ProfilingTimer(benchmark.StepTimer):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup - 1 - PROFILED_STEPS and trainer.is_global_zero:
-            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+            self.profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
             self.profiler.start()
         super().on_train_batch_start(trainer, module, batch, batch_idx)
 
@@ -66,8 +67,9 @@ def allreduce_mean(process_group, bucket):
     parameter (2.6 ms a step for DiT-XL/2 on an H200). With any hook, though, it copies each
     gradient into its bucket instead (the compiled backward's gradients are not bucket views):
     slower on 2 GPUs (docs/benchmarks.md), so not the default."""
-    work = torch.distributed.all_reduce(bucket.buffer(), op=torch.distributed.ReduceOp.AVG, group=process_group,
-                                        async_op=True)  # fmt: skip
+    work = torch.distributed.all_reduce(
+        bucket.buffer(), op=torch.distributed.ReduceOp.AVG, group=process_group, async_op=True
+    )
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
@@ -107,8 +109,17 @@ def main():
     if os.environ.get("DIT_SDPA"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = sdpa_kernel(getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                                                   "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[os.environ["DIT_SDPA"]]))  # fmt: skip
+        backend = sdpa_kernel(
+            getattr(
+                SDPBackend,
+                {
+                    "flash": "FLASH_ATTENTION",
+                    "cudnn": "CUDNN_ATTENTION",
+                    "efficient": "EFFICIENT_ATTENTION",
+                    "math": "MATH",
+                }[os.environ["DIT_SDPA"]],
+            )
+        )
     with backend:
         benchmark.main(sys.argv[1:])
     sys.stdout.flush()

@@ -1,8 +1,22 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+
+from dit.data.datamodule import LatentDataModule
+from dit.data.shards import write_shards
+from dit.evaluation.fid import main as fid_main
+from dit.models import DiT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py lives at the root
@@ -35,11 +49,17 @@ def random_inception(tmp_path_factory):
 def tiny_run(tmp_path_factory, digits_dir):
     """The last.ckpt of a 12-step quickstart run (real digits, EMA decay 0.9)."""
     import train
-    from test_training import quick_cfg
 
     out = tmp_path_factory.mktemp("run")
-    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=12", "data.global_batch_size=32", "trainer.val_check_interval=12",
-                    "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy")  # fmt: skip
+    cfg = quick_cfg(
+        out,
+        digits_dir,
+        "trainer.max_steps=12",
+        "data.global_batch_size=32",
+        "trainer.val_check_interval=12",
+        "callbacks.ema.multi_avg_fn.decay=0.9",
+        "~callbacks.digits_accuracy",
+    )
     train.main(cfg)
     return out / "checkpoints" / "last.ckpt"
 
@@ -54,3 +74,156 @@ def one_line_error(stderr, *fragments):
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
     return lines[-1]
+
+
+# ---------------------------------------------------------------- helpers the test modules share
+
+
+CONF = ROOT / "conf"
+
+
+# A few seconds of work for every run below: 5-step sample grids of 2 images per class.
+QUICK = ["sampler.steps='5'", "data.samples_per_class=2"]
+
+
+def compose_cfg(overrides, out_dir):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.output_dir = str(out_dir)
+        del cfg.hydra  # as in a real job: the hydra node is reached through HydraConfig
+    return cfg
+
+
+def quick_cfg(tmp_path, digits_dir, *overrides):
+    return compose_cfg(["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *overrides], tmp_path)
+
+
+def run_train(args, cwd, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # what a user sees: no HYDRA_FULL_ERROR
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_pngs(images, folder):
+    folder.mkdir()
+    for i in range(len(images)):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+
+
+def tiny(**kwargs):
+    """A small config through the same code as the paper's: 2 blocks, width 64, 4 heads."""
+    args = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    return DiT(**(args | kwargs))
+
+
+def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
+    """Shards whose record i has posterior mean i (image) and -i (flip), std 0, label i % classes."""
+    records = []
+    for i in range(n):
+        mean = np.stack([np.full((channels, size, size), i), np.full((channels, size, size), -i)])[:, None]
+        records.append((i % num_classes, np.concatenate([mean, np.zeros_like(mean)], axis=1)))
+    write_shards(
+        records,
+        path,
+        dict(channels=channels, latent_size=size, num_classes=num_classes, source="test"),
+        chunk_bytes="1KB",
+    )
+    return path
+
+
+def datamodule(path, world=1, batch=8, **kw):
+    args = dict(
+        channels=2,
+        latent_size=4,
+        num_classes=10,
+        global_batch_size=batch * world,
+        num_workers=0,
+        scale_factor=1.0,
+        flip=False,
+    )
+    dm = LatentDataModule(path, **(args | kw))
+    dm.trainer = SimpleNamespace(world_size=world, local_rank=0, training=True)
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, digits_dir, random_inception):
+    from dit.evaluation.fid import digit_images
+
+    tmp = tmp_path_factory.mktemp("scaling")
+    digits = digit_images()
+    write_pngs(torch.stack([digits[i] for i in range(3)]), tmp / "real")
+    fid_main(
+        [
+            "--ref",
+            str(tmp / "real"),
+            "--resolution",
+            "8",
+            "--inception-weights",
+            str(random_inception),
+            "--save-ref-stats",
+            str(tmp / "digits_ref.npz"),
+        ]
+    )
+    result = run_train(
+        [
+            "-m",
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            "patch=2,4",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=6",
+            "trainer.log_every_n_steps=2",
+            "data.global_batch_size=16",
+            "callbacks.ema.multi_avg_fn.decay=0.5",
+            "~callbacks.digits_accuracy",
+            *QUICK,
+            "callbacks=fid",
+            f"callbacks.fid.ref={tmp / 'digits_ref.npz'}",
+            f"callbacks.fid.inception_weights={random_inception}",
+            "callbacks.fid.every_n_steps=3",
+            "callbacks.fid.num_samples=3",
+            "sampler.steps='5'",
+            f"hydra.sweep.dir={tmp / 'sweep'}",
+        ],
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "sweep"
+
+
+SHORT = [
+    "experiment=quickstart",
+    "trainer.val_check_interval=1000",
+    "~callbacks.digits_accuracy",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=10",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def args(digits_dir, *extra):
+    return [*SHORT, f"data.path={digits_dir}", *extra]
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run train.py or a tool as a subprocess are marked `e2e` (`pytest -m e2e` runs only
+    them, `-m "not e2e"` skips them), read from their source so no such test goes unmarked."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and (
+            "run_train(" in inspect.getsource(function) or "subprocess." in inspect.getsource(function)
+        ):
+            item.add_marker(pytest.mark.e2e)

@@ -5,61 +5,80 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error
-from test_training import run_train
+from conftest import one_line_error, run_train
 
 from dit.errors import UsageError
 
 BASE = ["experiment=quickstart", "~callbacks.digits_accuracy", "trainer.max_steps=2", "trainer.val_check_interval=1000"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model=dit_m", "Could not find 'model/dit_m'"),                 # unknown group choice (Hydra lists the options)
-    ("foo=1", "Could not override 'foo'"),                           # unknown option
-    ("trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),
-    ("module.optimizer.lr=fast", "module.optimizer.lr must be a number, got 'fast'"),
-    ("trainer=gpu", "no CUDA GPU is visible (torch.cuda.is_available() is False); use trainer=cpu"),
-    ("trainer=tpu_v3", "this machine has no TPU; use trainer=gpu or trainer=cpu"),
-    ("data.global_batch_size=100", None),                            # fine on one device: the control
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model=dit_m", "Could not find 'model/dit_m'"),  # unknown group choice (Hydra lists the options)
+        ("foo=1", "Could not override 'foo'"),  # unknown option
+        ("trainer.max_steps=abc", "trainer.max_steps must be an integer, got 'abc'"),  # ours: one line, exit 2
+    ],
+)
 def test_command_line_mistakes(tmp_path, digits_dir, override, message):
+    """As a user types them: Hydra's composition errors and ours, through train.py's command line."""
     result = run_train([*BASE, f"data.path={digits_dir}", "name=bad", override], cwd=tmp_path)
-    if message is None:
-        assert result.returncode == 0, result.stderr[-2000:]
-        return
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     if not message.startswith("Could not"):  # not Hydra's own composition errors: ours, one line each
         assert result.returncode == 2 and one_line_error(result.stderr, message)
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing half-written; resume=auto would start fresh
 
 
-def test_truncated_or_missing_shard(tmp_path, digits_dir):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("module.optimizer.lr=fast", "module.optimizer.lr must be a number, got 'fast'"),
+        ("trainer=gpu", "no CUDA GPU is visible (torch.cuda.is_available() is False); use trainer=cpu"),
+        ("trainer=tpu_v3", "this machine has no TPU; use trainer=gpu or trainer=cpu"),
+        ("data.global_batch_size=100", None),  # fine on one device: the control
+    ],
+)
+def test_config_mistakes(tmp_path, digits_dir, capsys, override, message):
+    """The same checks on the composed config, in this process (train.main: one line, exit code 2)."""
+    import train
+    from conftest import compose_cfg
+
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "logger=none", override], tmp_path)
+    if message is None:
+        train.main(cfg)
+        return
+    one_line_error(train_error(cfg, capsys), message)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_truncated_or_missing_shard(tmp_path, digits_dir, capsys):
     import shutil
+
+    from conftest import compose_cfg
 
     data = tmp_path / "digits"
     shutil.copytree(digits_dir, data)
     chunk = data / json.loads((data / "index.json").read_text())["chunks"][0]["filename"]
     chunk.write_bytes(chunk.read_bytes()[:1000])
-    result = run_train([*BASE, f"data.path={data}", "data.prepare=null"], cwd=tmp_path)
-    assert result.returncode != 0 and f"shard {chunk} is truncated or corrupt (1000 bytes" in result.stderr
-    chunk.unlink()
-    result = run_train([*BASE, f"data.path={data}", "data.prepare=null"], cwd=tmp_path)
-    assert result.returncode != 0 and f"shard {chunk} is missing" in result.stderr
-
-
-def test_resume_from_a_checkpoint_of_another_model(tmp_path, digits_dir):
-    first = run_train([*BASE, f"data.path={digits_dir}", "name=small", "conditioning=in_context"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    ckpt = tmp_path / "outputs" / "small" / "checkpoints" / "last.ckpt"
-    result = run_train([*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}"], cwd=tmp_path)
-    assert result.returncode == 2 and one_line_error(result.stderr, "model.conditioning: 'in_context' -> 'adaln_zero'")
-    # accepting the change cannot make the weights fit: the model is fixed within a run
-    result = run_train(
-        [*BASE, f"data.path={digits_dir}", "name=other", f"resume={ckpt}", "accept_changes=true"], cwd=tmp_path
+    cfg = [*BASE, f"data.path={data}", "data.prepare=null", "logger=none"]
+    one_line_error(
+        train_error(compose_cfg(cfg, tmp_path / "a"), capsys), f"shard {chunk} is truncated or corrupt (1000 bytes"
     )
-    assert result.returncode == 2 and one_line_error(
-        result.stderr,
-        "settings that a run cannot change (model.conditioning: 'in_context' -> 'adaln_zero')",
+    chunk.unlink()
+    one_line_error(train_error(compose_cfg(cfg, tmp_path / "b"), capsys), f"shard {chunk} is missing")
+
+
+def test_resume_from_a_checkpoint_of_another_model(tmp_path, digits_dir, tiny_run, capsys):
+    """A checkpoint of another design is refused, and accepting changes cannot make its weights fit."""
+    from conftest import compose_cfg
+
+    base = [*BASE, f"data.path={digits_dir}", "name=other", f"resume={tiny_run}", "conditioning=in_context"]
+    error = train_error(compose_cfg(base, tmp_path / "a"), capsys)
+    one_line_error(error, "model.conditioning: 'adaln_zero' -> 'in_context'")
+    error = train_error(compose_cfg([*base, "accept_changes=true"], tmp_path / "b"), capsys)
+    one_line_error(
+        error,
+        "settings that a run cannot change (model.conditioning: 'adaln_zero' -> 'in_context')",
         "module.init_from=",
     )
 
@@ -83,7 +102,7 @@ def test_tpu_preset_without_torch_xla(monkeypatch, tmp_path):
     import sys
 
     import train
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
     monkeypatch.setitem(sys.modules, "torch_xla", None)  # as if not installed
     for preset, extra in (
@@ -105,16 +124,22 @@ def train_error(cfg, capsys):
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("patch=0", "patch must be an integer of at least 1, got 0"),
-    ("data.global_batch_size=0", "data.global_batch_size must be an integer of at least 1, got 0"),
-    ("data.global_batch_size=-32", "data.global_batch_size must be an integer of at least 1, got -32"),
-    ("module.optimizer.lr=-1e-4", "module.optimizer.lr must be a number of at least 0, got -0.0001"),
-    ("module.init_from=/nowhere/DiT-XL-2-256x256.pt", "module.init_from=/nowhere/DiT-XL-2-256x256.pt: no checkpoint file at"),
-    ("accept_changes=maybe", "accept_changes must be true or false, got 'maybe'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("patch=0", "patch must be an integer of at least 1, got 0"),
+        ("data.global_batch_size=0", "data.global_batch_size must be an integer of at least 1, got 0"),
+        ("data.global_batch_size=-32", "data.global_batch_size must be an integer of at least 1, got -32"),
+        ("module.optimizer.lr=-1e-4", "module.optimizer.lr must be a number of at least 0, got -0.0001"),
+        (
+            "module.init_from=/nowhere/DiT-XL-2-256x256.pt",
+            "module.init_from=/nowhere/DiT-XL-2-256x256.pt: no checkpoint file at",
+        ),
+        ("accept_changes=maybe", "accept_changes must be true or false, got 'maybe'"),
+    ],
+)
 def test_bad_values_get_one_line(tmp_path, digits_dir, capsys, override, message):
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
     cfg = compose_cfg([*BASE, f"data.path={digits_dir}", override], tmp_path)
     one_line_error(train_error(cfg, capsys), message)
@@ -125,7 +150,7 @@ def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
     """init_from that is no checkpoint; a data folder of random files; a corrupt index.json."""
     import shutil
 
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     random_files = tmp_path / "random"
@@ -146,10 +171,19 @@ def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
 def test_steps_typed_without_quotes_are_accepted(tmp_path, digits_dir):
     """sampler.steps=250 reaches the config as the integer 250; it means "250"."""
     import train
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
-    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "sampler.steps=3", "trainer.val_check_interval=2",
-                       "data.samples_per_class=1", "logger=none"], tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            *BASE,
+            f"data.path={digits_dir}",
+            "sampler.steps=3",
+            "trainer.val_check_interval=2",
+            "data.samples_per_class=1",
+            "logger=none",
+        ],
+        tmp_path,
+    )
     assert cfg.module.sampler.steps == 3
     train.main(cfg)
     assert (tmp_path / "samples" / "step_0000002.png").exists()
@@ -159,7 +193,7 @@ def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, 
     import shutil
     from collections import namedtuple
 
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
     # /proc refuses new files even to root, as a read-only mount would
     cfg = compose_cfg(
@@ -173,12 +207,15 @@ def test_checkpoints_that_cannot_be_written_are_found_before_training(tmp_path, 
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))  # no step was taken
 
 
-@pytest.mark.parametrize("tool, argv, message", [
-    ("sample", ["x.pt", "out", "--num-samples", "many"], "argument --num-samples: invalid int value: 'many'"),
-    ("fid50k", ["x.pt", "out"], "the following arguments are required: --ref"),
-    ("export", ["only-one-argument.ckpt"], "the following arguments are required: output"),
-    ("flops", ["--image-size", "256px"], "argument --image-size: invalid int value: '256px'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        ("sample", ["x.pt", "out", "--num-samples", "many"], "argument --num-samples: invalid int value: 'many'"),
+        ("fid50k", ["x.pt", "out"], "the following arguments are required: --ref"),
+        ("export", ["only-one-argument.ckpt"], "the following arguments are required: output"),
+        ("flops", ["--image-size", "256px"], "argument --image-size: invalid int value: '256px'"),
+    ],
+)
 def test_tools_take_bad_arguments_in_one_line(capsys, tool, argv, message):
     import importlib
 

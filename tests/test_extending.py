@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import train
-from conftest import one_line_error
+from conftest import QUICK, compose_cfg, one_line_error
 from hydra.core.config_store import ConfigStore
-from test_training import QUICK, compose_cfg
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -38,9 +37,20 @@ def test_a_new_sampler_serves_the_grids_and_dit_sample(plugins, tmp_path, digits
     from dit.evaluation.sample import main as sample_main
 
     run = tmp_path / "run"
-    cfg = compose_cfg(["experiment=quickstart", f"data.path={digits_dir}", *QUICK, "sampler=mean", "trainer.max_steps=4",
-                       "trainer.val_check_interval=4", "data.global_batch_size=32", "~callbacks.digits_accuracy",
-                       "logger=none"], run)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            *QUICK,
+            "sampler=mean",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "data.global_batch_size=32",
+            "~callbacks.digits_accuracy",
+            "logger=none",
+        ],
+        run,
+    )
     assert cfg.module.sampler._target_ == "extending_example.MeanSampler"
     train.main(cfg)
     assert (run / "samples" / "step_0000004.png").exists()
@@ -69,10 +79,21 @@ def test_a_new_sampler_serves_the_grids_and_dit_sample(plugins, tmp_path, digits
 
 
 def test_a_new_objective_trains(plugins, tmp_path, digits_dir):
-    cfg = compose_cfg(["experiment=quickstart", f"data.path={digits_dir}", *QUICK, "objective=min_snr",
-                       "model.learn_sigma=false", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-                       "trainer.val_check_interval=3", "data.global_batch_size=32", "~callbacks.digits_accuracy"],
-                      tmp_path)  # fmt: skip
+    cfg = compose_cfg(
+        [
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            *QUICK,
+            "objective=min_snr",
+            "model.learn_sigma=false",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=3",
+            "data.global_batch_size=32",
+            "~callbacks.digits_accuracy",
+        ],
+        tmp_path,
+    )
     train.main(cfg)
     metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
     header, *rows = metrics.splitlines()

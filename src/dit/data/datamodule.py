@@ -8,6 +8,8 @@ hands the training process only the block's number, and the training process cop
 out and frees the block at once.
 """
 
+from __future__ import annotations
+
 import platform
 from pathlib import Path
 
@@ -35,21 +37,21 @@ class LatentDataModule(LightningDataModule):
 
     def __init__(
         self,
-        path,
-        channels,
-        latent_size,
-        num_classes,
-        global_batch_size=256,
-        num_workers=2,
-        scale_factor=0.18215,
-        flip=True,
-        seed=0,
-        prepare=None,
-        cache_dir=None,
-        sample_classes=(),
-        samples_per_class=8,
-        sample_batch_size=64,
-        pixels=False,
+        path: str,
+        channels: int,
+        latent_size: int,
+        num_classes: int,
+        global_batch_size: int = 256,
+        num_workers: int = 2,
+        scale_factor: float = 0.18215,
+        flip: bool = True,
+        seed: int = 0,
+        prepare: str | None = None,
+        cache_dir: str | None = None,
+        sample_classes: tuple[int, ...] = (),
+        samples_per_class: int = 8,
+        sample_batch_size: int = 64,
+        pixels: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -131,8 +133,10 @@ class LatentDataModule(LightningDataModule):
         `sample_classes`, as whole batches (batch number, labels, sample indices), which the
         distributed sampler deals to the devices."""
         labels = torch.tensor(list(self.hparams.sample_classes), dtype=torch.long)
-        return DataLoader(GridBatches(labels.repeat_interleave(self.hparams.samples_per_class),
-                                      self.hparams.sample_batch_size), batch_size=None)  # fmt: skip
+        return DataLoader(
+            GridBatches(labels.repeat_interleave(self.hparams.samples_per_class), self.hparams.sample_batch_size),
+            batch_size=None,
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         """On the device: pick the image or its flip, sample z ~ N(mean, std²), scale it."""
@@ -247,8 +251,13 @@ class LatentLoader(litdata.StreamingDataLoader):
     def __init__(self, dataset, collate, *, num_workers, pin_memory, **kwargs):
         # persistent workers would keep the pool of the epoch that started them
         self.reuse_blocks = REUSE_BLOCKS and num_workers > 0 and not kwargs.get("persistent_workers")
-        super().__init__(dataset, collate_fn=collate, num_workers=num_workers,
-                         pin_memory=pin_memory and not self.reuse_blocks, **kwargs)  # fmt: skip
+        super().__init__(
+            dataset,
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin_memory and not self.reuse_blocks,
+            **kwargs,
+        )
         self.collate = collate
         self.pin_batches = pin_memory
         self.began_restored_epoch = False

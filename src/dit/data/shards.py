@@ -13,11 +13,12 @@ A folder of shards also holds `meta.json` (channels, latent size, classes, count
 is checked against the model before training starts.
 """
 
+from __future__ import annotations
+
 import bisect
 import itertools
 import json
 import logging
-import multiprocessing
 import struct
 import zlib
 from pathlib import Path
@@ -33,39 +34,40 @@ META_FILE = "meta.json"
 logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache size at every epoch
 
 
-def write_shards(records, output_dir, meta, num_workers=1, chunk_bytes="64MB"):
+def write_shards(records, output_dir: str | Path, meta: dict, chunk_bytes: str = "64MB") -> None:
     """Write an iterable of (label, posterior) pairs as litdata shards plus `meta.json`.
 
     `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]. `meta` gives
-    channels, latent_size, num_classes and source.
+    channels, latent_size, num_classes and source; the chunks' CRC-32s are added to it.
     """
-    records = list(records)
     output_dir = Path(output_dir)
-    # litdata switches the whole process to "spawn" for its writers; left so, every loader worker
-    # started later in this process would import torch anew (~10 s each on 2 cores)
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    try:
-        litdata.optimize(
-            fn=_to_record,
-            inputs=records,
-            output_dir=str(output_dir),
-            chunk_bytes=chunk_bytes,
-            num_workers=num_workers,
-            mode="overwrite",
-            verbose=False,
-        )
-    finally:
-        multiprocessing.set_start_method(start_method, force=True)
-    meta = dict(meta, num_samples=len(records), chunk_crc32=chunk_checksums(output_dir))
+    count = write_chunks(records, output_dir, chunk_bytes)
+    meta = dict(meta, num_samples=count, chunk_crc32=chunk_checksums(output_dir) if count else {})
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def _to_record(item):
-    label, posterior = item
-    return {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+def write_chunks(records, folder: Path, chunk_bytes: str = "64MB") -> int:
+    """(label, posterior) records as litdata chunks and their index.json in `folder` (created),
+    written in this process by litdata's BinaryWriter (litdata.optimize would start worker
+    processes, ~10 s each, for work this process does anyway). Returns the number of records."""
+    from litdata.streaming.writer import BinaryWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer, count = None, 0
+    for count, (label, posterior) in enumerate(records, 1):
+        writer = writer or BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
+        writer[count - 1] = {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+    if writer is None:
+        return 0  # nothing to write: meta.json alone says so
+    writer.done()
+    # done() leaves the writer's "<rank>.index.json"; its merge() would wait for one per WORLD_SIZE
+    # process of torchrun, but this writer is alone in its folder: its index is the whole index.
+    (worker_index,) = folder.glob("*.index.json")
+    worker_index.rename(folder / "index.json")
+    return count
 
 
-def check_shards(folder, read_chunks=True):
+def check_shards(folder: Path, read_chunks: bool = True) -> None:
     """Every chunk litdata's index names is there and whole: a missing or truncated chunk (a stat
     per file) or, where meta.json records the chunks' CRC-32s (`write_shards` and dit.extract
     write them), a chunk with a changed byte fails here, naming itself, not deep inside a loader

@@ -16,7 +16,7 @@ VAES = {
 }  # paper §4: ft-EMA headline, ft-MSE Table 4
 
 
-def load_vae(name="ema", device="cpu", dtype=torch.float32):
+def load_vae(name: str = "ema", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """`name`: "ema", "mse", a hub id, or a local folder holding an `AutoencoderKL` (config.json + weights)."""
     from diffusers.models import AutoencoderKL
 
@@ -53,18 +53,18 @@ def tiny_vae(seed=0):
 
 
 @torch.no_grad()
-def encode(vae, images):
+def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1], (N, 3, H, W) → posterior (mean, std) of the unscaled latents, float32."""
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
     return dist.mean.float(), dist.std.float()
 
 
 @torch.no_grad()
-def decode(vae, latents, scale_factor=SCALE_FACTOR):
+def decode(vae, latents: torch.Tensor, scale_factor: float = SCALE_FACTOR) -> torch.Tensor:
     """Scaled latents (what DiT is trained on) → images in [-1, 1], float32."""
     return vae.decode((latents / scale_factor).to(vae.device, vae.dtype)).sample.float()
 
 
-def to_uint8(images):
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images (N, C, H, W) → uint8 (N, H, W, C), rounded as the official sample_ddp.py."""
     return torch.clamp(127.5 * images + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -14,6 +14,19 @@ from dit.diffusion.samplers import DDIM, DDPM, Sampler
 from dit.diffusion.sampling import batch_generator, batch_labels, draw
 
 __all__ = [
-    "GUIDANCE_VARIANTS", "guided", "Objective", "Hybrid", "EpsilonMSE", "GaussianDiffusion", "beta_schedule",
-    "create_diffusion", "space_timesteps", "Sampler", "DDPM", "DDIM", "batch_generator", "batch_labels", "draw",
-]  # fmt: skip
+    "GUIDANCE_VARIANTS",
+    "guided",
+    "Objective",
+    "Hybrid",
+    "EpsilonMSE",
+    "GaussianDiffusion",
+    "beta_schedule",
+    "create_diffusion",
+    "space_timesteps",
+    "Sampler",
+    "DDPM",
+    "DDIM",
+    "batch_generator",
+    "batch_labels",
+    "draw",
+]

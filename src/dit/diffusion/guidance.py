@@ -8,7 +8,7 @@ from dit.errors import UsageError
 GUIDANCE_VARIANTS = ("official", "all_channels")
 
 
-def guided(model, scale, variant="official"):
+def guided(model: torch.nn.Module, scale: float, variant: str = "official"):
     """Classifier-free guidance (Ho & Salimans 2022; paper §3.1) as one batched forward over the
     conditional inputs and the same inputs with the null class: ε̂ = ε_∅ + s·(ε_y - ε_∅).
 

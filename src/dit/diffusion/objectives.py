@@ -25,8 +25,15 @@ class Objective:
     def timesteps(self, batch_size: int, process: GaussianDiffusion, device: torch.device) -> torch.Tensor:
         return torch.randint(0, process.num_timesteps, (batch_size,), device=device)
 
-    def losses(self, model, process: GaussianDiffusion, x_start: torch.Tensor, t: torch.Tensor,
-               model_kwargs: dict | None, noise: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    def losses(
+        self,
+        model,
+        process: GaussianDiffusion,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict | None,
+        noise: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Per-sample loss terms, each of shape (N,), `loss` among them."""
         raise NotImplementedError
 

@@ -16,6 +16,8 @@ official code casts them at use), created once. Loops carry the timestep as a de
 hold no data-dependent shapes or host syncs, so the same code runs under torch.compile and XLA.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
@@ -28,7 +30,7 @@ from dit.errors import UsageError
 #################################################################################
 
 
-def beta_schedule(name, num_steps):
+def beta_schedule(name: str, num_steps: int) -> torch.Tensor:
     """β_1..β_T in float64. "linear": 1e-4 → 0.02 over 1000 steps (DDPM; scaled for other T as in
     IDDPM); "cosine": IDDPM Eq. 17 with s = 0.008, β clipped at 0.999."""
     if name == "linear":
@@ -44,7 +46,7 @@ def beta_schedule(name, num_steps):
     raise UsageError(f"unknown noise schedule {name!r}; choose 'linear' or 'cosine'")
 
 
-def space_timesteps(num_steps, respacing):
+def space_timesteps(num_steps: int, respacing: str | int | list[int] | None) -> list[int]:
     """The original timesteps kept by a respacing, sorted (IDDPM §4.1).
 
     "250": 250 steps spread evenly (fractional stride, rounded). "100,50,25": sections of the
@@ -286,8 +288,17 @@ class GaussianDiffusion(nn.Module):
         alpha_bar_next = self._at(self.alphas_cumprod_next, t, x)
         return dict(sample=out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps)
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
-                      progress=False, generator=None):  # fmt: skip
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=False,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
+    ):
         """Ancestral sampling from x_T = noise down to x_0 (the official loop; the paper's 250-step
         protocol with create_diffusion("250") and clip_denoised=False): dit.diffusion.samplers.DDPM."""
         from dit.diffusion.samplers import DDPM
@@ -295,8 +306,18 @@ class GaussianDiffusion(nn.Module):
         x = _start(shape, noise, device, generator)
         return DDPM(clip_denoised=clip_denoised).loop(self, model, x, model_kwargs, generator, progress)
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, model_kwargs=None, device=None,
-                         progress=False, generator=None, eta=0.0):  # fmt: skip
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=False,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
+        eta=0.0,
+    ):
         """DDIM sampling (the official loop): dit.diffusion.samplers.DDIM."""
         from dit.diffusion.samplers import DDIM
 
@@ -313,8 +334,14 @@ def _start(shape, noise, device, generator):
     return torch.randn(*shape, generator=generator, device=device)
 
 
-def create_diffusion(timestep_respacing="", noise_schedule="linear", learn_sigma=True, sigma_small=False,
-                     predict_xstart=False, diffusion_steps=1000):  # fmt: skip
+def create_diffusion(
+    timestep_respacing: str | list[int] = "",
+    noise_schedule: str = "linear",
+    learn_sigma: bool = True,
+    sigma_small: bool = False,
+    predict_xstart: bool = False,
+    diffusion_steps: int = 1000,
+) -> GaussianDiffusion:
     """The official factory: the paper's diffusion is `create_diffusion("")` for training (1000
     steps, linear β, learned range) and `create_diffusion("250")` for sampling."""
     betas = beta_schedule(noise_schedule, diffusion_steps)

@@ -42,13 +42,27 @@ class Sampler:
             self._processes[key] = create_diffusion(self.steps, **dict(key))
         return self._processes[key]
 
-    def step(self, process: GaussianDiffusion, model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict,
-             generator: torch.Generator | None) -> torch.Tensor:  # fmt: skip
+    def step(
+        self,
+        process: GaussianDiffusion,
+        model,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         """x_t -> x_{t-1}, t the index of the kept step (the model sees process.timestep_map[t])."""
         raise NotImplementedError
 
-    def sample(self, model, noise: torch.Tensor, diffusion_options: dict, model_kwargs: dict | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:  # fmt: skip
+    def sample(
+        self,
+        model,
+        noise: torch.Tensor,
+        diffusion_options: dict,
+        model_kwargs: dict | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """x_0 from x_T = `noise` with `model` (x, t, **model_kwargs) -> output."""
         return self.loop(self.process(diffusion_options), model, noise, model_kwargs, generator, progress)
 

@@ -23,8 +23,9 @@ def batch_generator(seed: int, batch_index: int, device: torch.device | str) -> 
     return torch.Generator(where).manual_seed(seed * 2**32 + batch_index)
 
 
-def batch_labels(indices: torch.Tensor, classes: list[int] | None, num_classes: int,
-                 generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+def batch_labels(
+    indices: torch.Tensor, classes: list[int] | None, num_classes: int, generator: torch.Generator
+) -> torch.Tensor:
     """Labels of samples `indices`: the (i mod K)-th of `classes` (columns of a grid are classes),
     or, without classes, uniform random labels from the batch's generator (the official sample_ddp.py)."""
     if classes:
@@ -32,8 +33,16 @@ def batch_labels(indices: torch.Tensor, classes: list[int] | None, num_classes: 
     return torch.randint(0, num_classes, (len(indices),), generator=generator, device=generator.device)
 
 
-def draw(model, sampler: Sampler, diffusion_options: dict, labels: torch.Tensor, generator: torch.Generator,
-         guidance_scale: float = 1.0, guidance: str = "official", progress: bool = False) -> torch.Tensor:  # fmt: skip
+def draw(
+    model,
+    sampler: Sampler,
+    diffusion_options: dict,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    guidance_scale: float = 1.0,
+    guidance: str = "official",
+    progress: bool = False,
+) -> torch.Tensor:
     """Latents (N, C, I, I) of class `labels` from `model` (a DiT), with classifier-free guidance at
     `guidance_scale` (1: none), drawn by `sampler` from noise of `generator`.
 

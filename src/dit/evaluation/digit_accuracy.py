@@ -35,7 +35,9 @@ class DigitAccuracy(Callback):
         first = samples.view(10, self.samples_per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)
         grid = make_grid(((first + 1) / 2).cpu(), nrow=min(10, self.samples_per_class))
         path = save_png(grid, Path(trainer.default_root_dir) / "samples" / "final.png")
-        print(f"digits: a classifier fitted on the real digits labels {self.accuracy:.1%} of "
-              f"{len(labels)} guided samples (scale {self.guidance_scale}) as the digit asked for; grid: {path}")  # fmt: skip
+        print(
+            f"digits: a classifier fitted on the real digits labels {self.accuracy:.1%} of "
+            f"{len(labels)} guided samples (scale {self.guidance_scale}) as the digit asked for; grid: {path}"
+        )
         for logger in trainer.loggers:
             logger.log_metrics({"digits/accuracy": self.accuracy}, step=trainer.global_step)

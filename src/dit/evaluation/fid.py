@@ -20,6 +20,8 @@ The Inception weights are downloaded by torch-fidelity on first use; offline, pa
 --inception-weights (see `inception`).
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 from functools import partial
@@ -39,7 +41,7 @@ POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the poo
 # ------------------------------------------------------------------ the extractor
 
 
-def inception(weights=None, device="cpu"):
+def inception(weights: str | None = None, device: torch.device | str = "cpu"):
     """torch-fidelity's Inception-v3 (`inception-v3-compat`): `weights` is a local copy of its
     weights file, or None to download it (to the torch hub cache, once)."""
     from torch_fidelity.utils import create_feature_extractor
@@ -125,7 +127,7 @@ def statistics(pool_features):
     return dict(mu=x.mean(axis=0), sigma=np.cov(x, rowvar=False))
 
 
-def frechet_distance(pool_features, reference):
+def frechet_distance(pool_features, reference: dict) -> float:
     """FID of (N, D) pool features against reference statistics {"mu", "sigma"} (Heusel et al. 2017):
     ‖μ − μ_r‖² + tr Σ + tr Σ_r − 2 tr (Σ Σ_r)^½, in float64.
 
@@ -234,8 +236,10 @@ def check_one_size(files):
             sizes.setdefault(image.size, file)
         if len(sizes) > 1:
             (a, first), (b, second) = sizes.items()
-            raise UsageError(f"the samples have mixed sizes: {first} is {a[0]}×{a[1]}, {second} is {b[0]}×{b[1]}; "
-                             "measure one set of samples of one size")  # fmt: skip
+            raise UsageError(
+                f"the samples have mixed sizes: {first} is {a[0]}×{a[1]}, {second} is {b[0]}×{b[1]}; "
+                "measure one set of samples of one size"
+            )
 
 
 def samples_manifest(path):
@@ -303,8 +307,13 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
 def save_statistics(path, reference, source, resolution):
     """mu and sigma of a reference, with what they were computed from: its source and the image
     size, which a later `--ref` of these statistics is checked against."""
-    np.savez(path, mu=reference["mu"], sigma=reference["sigma"], source=np.array(str(source)),
-             resolution=np.array(-1 if resolution is None else resolution))  # fmt: skip
+    np.savez(
+        path,
+        mu=reference["mu"],
+        sigma=reference["sigma"],
+        source=np.array(str(source)),
+        resolution=np.array(-1 if resolution is None else resolution),
+    )
 
 
 def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_ref_stats=None):

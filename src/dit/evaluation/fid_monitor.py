@@ -43,8 +43,19 @@ class FIDMonitor(Callback):
             and not by the number of devices.
     """
 
-    def __init__(self, ref, sampler, every_n_steps=10000, num_samples=5000, inception_weights=None,
-                 guidance_scale=1.0, guidance="official", vae="mse", batch_size=64, seed=0):  # fmt: skip
+    def __init__(
+        self,
+        ref,
+        sampler,
+        every_n_steps=10000,
+        num_samples=5000,
+        inception_weights=None,
+        guidance_scale=1.0,
+        guidance="official",
+        vae="mse",
+        batch_size=64,
+        seed=0,
+    ):
         self.ref = ref
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -106,8 +117,15 @@ class FIDMonitor(Callback):
             k = mine[j] if j < len(mine) else mine[-1] if mine else 0
             index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples))
             labels = index % model.num_classes
-            z = draw(model, self.sampler, pl_module.diffusion_options, labels, batch_generator(self.seed, k, device),
-                     self.guidance_scale, self.guidance)  # fmt: skip
+            z = draw(
+                model,
+                self.sampler,
+                pl_module.diffusion_options,
+                labels,
+                batch_generator(self.seed, k, device),
+                self.guidance_scale,
+                self.guidance,
+            )
             feats = features(self.extractor, UInt8Images(to_uint8(self.decoder(z))), self.batch_size)[POOL].to(device)
             pad = self.batch_size - len(index)
             pool.append(torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]))

@@ -43,8 +43,14 @@ def make_run(hparams, rows, source):
     name = hparams["model_name"] + (
         "" if hparams.get("conditioning", "adaln_zero") == "adaln_zero" else f" ({hparams['conditioning']})"
     )
-    return dict(name=name, gflops=float(hparams["gflops"]), batch=int(hparams["global_batch_size"]), source=str(source),
-                loss=sorted(curves[LOSS].items()), fid=sorted(curves[FID].items()))  # fmt: skip
+    return dict(
+        name=name,
+        gflops=float(hparams["gflops"]),
+        batch=int(hparams["global_batch_size"]),
+        source=str(source),
+        loss=sorted(curves[LOSS].items()),
+        fid=sorted(curves[FID].items()),
+    )
 
 
 def local_runs(folder):
@@ -74,8 +80,11 @@ def wandb_runs(project):
 
     runs = []
     for run in wandb.Api().runs(project):
-        rows = [dict(row, step=row["trainer/global_step"]) for key in (LOSS, FID)
-                for row in run.scan_history(keys=["trainer/global_step", key])]  # fmt: skip
+        rows = [
+            dict(row, step=row["trainer/global_step"])
+            for key in (LOSS, FID)
+            for row in run.scan_history(keys=["trainer/global_step", key])
+        ]
         runs.append(make_run(run.config, rows, run.url))
     return runs
 
@@ -159,8 +168,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = load_runs(args.sources)
     for run in runs:
-        print(f"{run['name']:>24}  {run['gflops']:8.2f} Gflops  batch {run['batch']}  {len(run['loss'])} loss points, "
-              f"{len(run['fid'])} FID points  ({run['source']})")  # fmt: skip
+        print(
+            f"{run['name']:>24}  {run['gflops']:8.2f} Gflops  batch {run['batch']}  {len(run['loss'])} loss points, "
+            f"{len(run['fid'])} FID points  ({run['source']})"
+        )
     for path in save_figures(runs, args.out).values():
         print(path)
     return runs

@@ -33,6 +33,8 @@ on CPU processes a VAE decode can differ in the last bit (Lightning gives each p
 which sums in another order): rarely a pixel value off by one. TPU cores (--accelerator tpu) are untried.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -67,7 +69,7 @@ PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as trainer.precisio
 COMPILE = {"auto": "auto", "true": True, "false": False}  # as module.compile
 
 
-def load_model(path, num_heads=None):
+def load_model(path: str | Path, num_heads: int | None = None) -> tuple[DiT, tuple[bool, float], dict]:
     """(model in eval mode, its data, provenance). The data are (pixels, scale factor): a train.py
     checkpoint or an export records its data config; a bare state dict (the official file) is of
     VAE latents. The model carries `diffusion_options`, the diffusion it was trained with
@@ -88,9 +90,11 @@ def load_model(path, num_heads=None):
         options = dict(learn_sigma=model.learn_sigma)
     model.diffusion_options = options
     provenance = dict(
-        checkpoint=str(path), step=checkpoint.get("global_step", manifest.get("step")),
-        run=manifest.get("run") or (manifest if "run_id" in manifest else None), weights_digest=weights_digest(model.state_dict()),
-    )  # fmt: skip
+        checkpoint=str(path),
+        step=checkpoint.get("global_step", manifest.get("step")),
+        run=manifest.get("run") or (manifest if "run_id" in manifest else None),
+        weights_digest=weights_digest(model.state_dict()),
+    )
     return model.eval().requires_grad_(False), data, provenance
 
 
@@ -146,12 +150,21 @@ def run(fabric, args):
     if any(not 0 <= c < model.num_classes for c in classes):
         raise UsageError(f"--classes {args.classes}: this model has classes 0..{model.num_classes - 1}")
     # What decides the images (not --num-samples: a rerun with more extends the same set).
-    identity = flatten(dict(
-        weights_digest=provenance["weights_digest"], sampler=sampler.settings(),
-        guidance_scale=args.guidance_scale, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-        classes=classes, precision=args.precision, tf32=args.tf32, vae=None if pixels else args.vae,
-        diffusion=model.diffusion_options,
-    ))  # fmt: skip
+    identity = flatten(
+        dict(
+            weights_digest=provenance["weights_digest"],
+            sampler=sampler.settings(),
+            guidance_scale=args.guidance_scale,
+            guidance=args.guidance,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            classes=classes,
+            precision=args.precision,
+            tf32=args.tf32,
+            vae=None if pixels else args.vae,
+            diffusion=model.diffusion_options,
+        )
+    )
     identity = json.loads(json.dumps(identity))  # as the manifest file gives it back
     out_dir.mkdir(parents=True, exist_ok=True)
     check_sample_folder(out_dir, identity, args.overwrite, fabric.global_rank)
@@ -161,8 +174,13 @@ def run(fabric, args):
     fabric.barrier()
     manifest = read_manifest(out_dir)  # a resumed folder keeps the record of the run that began it
     if manifest is None:
-        manifest = dict(kind="samples", identity=identity, source=provenance, code=code_version(),
-                        command=["python", "-m", "dit.sample", *map(str, args.argv)])  # fmt: skip
+        manifest = dict(
+            kind="samples",
+            identity=identity,
+            source=provenance,
+            code=code_version(),
+            command=["python", "-m", "dit.sample", *map(str, args.argv)],
+        )
         if fabric.global_rank == 0:
             write_manifest(out_dir, manifest)
     model.to(device)
@@ -222,8 +240,12 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a train.py checkpoint, an export, or the official DiT-XL-2-256x256.pt")
     parser.add_argument("out_dir", help="the folder of PNGs; <out_dir>.npz and the grid <out_dir>.png go beside it")
-    parser.add_argument("overrides", nargs="*", metavar="sampler=...",
-                        help="the sampler as in train.py: sampler=ddpm|ddim|<yours>, sampler.steps=..., sampler.eta=...")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="sampler=...",
+        help="the sampler as in train.py: sampler=ddpm|ddim|<yours>, sampler.steps=..., sampler.eta=...",
+    )
     parser.add_argument("--num-samples", type=int, default=50_000, help="the paper's FID-50K by default")
     parser.add_argument(
         "--classes", default="", help="comma-separated labels to cycle through (default: uniform random)"

@@ -10,7 +10,15 @@ from dit.models.dit import (
     config_name,
     describe_state_dict,
     infer_config,
-)  # fmt: skip
+)
 
-__all__ = ["CONDITIONINGS", "SIZES", "DiT", "DiT_models", "backbone_state_dict", "config_name",
-           "describe_state_dict", "infer_config"]  # fmt: skip
+__all__ = [
+    "CONDITIONINGS",
+    "SIZES",
+    "DiT",
+    "DiT_models",
+    "backbone_state_dict",
+    "config_name",
+    "describe_state_dict",
+    "infer_config",
+]

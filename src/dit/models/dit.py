@@ -6,6 +6,8 @@ Table 4. For `conditioning="adaln_zero"` (the paper's choice) parameter names, s
 equal the official code's (facebookresearch/DiT), so its released checkpoints load unchanged.
 """
 
+from __future__ import annotations
+
 import math
 import re
 
@@ -17,7 +19,16 @@ from torch import nn
 from dit.errors import UsageError
 from dit.platform.xla_ops import flash_attention, on_tpu
 
-CONDITIONINGS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+# The four ways of feeding (t, c) to the blocks, §3.2 / Fig. 3: `adaptive`, the blocks regress
+# layer-norm scales and shifts from t + c (adaLN; `gated`: adaLN-Zero's residual gates, zeroed at
+# init); otherwise t and c are two tokens, attended to (`cross`) or appended to the sequence.
+DESIGNS = {
+    "adaln_zero": dict(adaptive=True, gated=True, cross=False),
+    "adaln": dict(adaptive=True, gated=False, cross=False),
+    "cross_attn": dict(adaptive=False, gated=False, cross=True),
+    "in_context": dict(adaptive=False, gated=False, cross=False),
+}
+CONDITIONINGS = tuple(DESIGNS)
 # (depth, hidden size, heads) of each model size: paper Table 1, the one place they are written.
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
@@ -235,20 +246,20 @@ class DiT(nn.Module):
 
     def __init__(
         self,
-        input_size=32,
-        patch_size=2,
-        in_channels=4,
-        size="XL",
-        hidden_size=None,
-        depth=None,
-        num_heads=None,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        num_classes=1000,
-        learn_sigma=True,
-        conditioning="adaln_zero",
-        activation_checkpointing=False,
-        attention="sdpa",
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        size: str = "XL",
+        hidden_size: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        conditioning: str = "adaln_zero",
+        activation_checkpointing: bool = False,
+        attention: str = "sdpa",
     ):
         super().__init__()
         if size not in SIZES:
@@ -274,6 +285,8 @@ class DiT(nn.Module):
         self.num_classes = num_classes
         self.num_heads = num_heads
         self.conditioning = conditioning
+        design = DESIGNS[conditioning]
+        self.adaptive, self.in_context = design["adaptive"], not (design["adaptive"] or design["cross"])
         # Recompute each block's activations in the backward pass instead of keeping them: about
         # a third more compute for a fraction of the memory (DiT-XL/2 at large per-GPU batches).
         self.activation_checkpointing = activation_checkpointing
@@ -285,14 +298,12 @@ class DiT(nn.Module):
         # Fixed 2D sin-cos embedding. Kept as a frozen Parameter (not a buffer) because that is
         # where official checkpoints store it: state_dict key `pos_embed`.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        if conditioning in ("adaln_zero", "adaln"):
-            gated = conditioning == "adaln_zero"
-            self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, gated) for _ in range(depth))
+        if self.adaptive:
+            blocks = (DiTBlock(hidden_size, num_heads, mlp_ratio, design["gated"]) for _ in range(depth))
         else:
-            cross = conditioning == "cross_attn"
-            self.blocks = nn.ModuleList(ViTBlock(hidden_size, num_heads, mlp_ratio, cross) for _ in range(depth))
-        adaptive = conditioning in ("adaln_zero", "adaln")
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive)
+            blocks = (ViTBlock(hidden_size, num_heads, mlp_ratio, design["cross"]) for _ in range(depth))
+        self.blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.adaptive)
         for block in self.blocks:
             block.attn.kernel = attention
         self.initialize_weights()
@@ -317,7 +328,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.conditioning == "adaln_zero":
+        if DESIGNS[self.conditioning]["gated"]:
             for block in self.blocks:
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
                 nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -337,24 +348,24 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, h, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, I, I) noisy latents, t: (N,) integer timesteps, y: (N,) class labels."""
         self._check_inputs(x, t, y)
         tokens = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y, self.training)
-        if self.conditioning in ("adaln_zero", "adaln"):
+        if self.adaptive:
             c = t_emb + y_emb  # §3.2: the regression input is the sum of both embeddings
         else:
             c = torch.stack([t_emb, y_emb], dim=1)  # two conditioning tokens
-        if self.conditioning == "in_context":
+        if self.in_context:
             tokens = torch.cat([c, tokens], dim=1)  # appended like ViT's cls token, no position
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
-        if self.conditioning == "in_context":
+        if self.in_context:
             tokens = tokens[:, 2:]  # §3.2: removed after the final block
         return self.unpatchify(self.final_layer(tokens, c))
 
@@ -391,7 +402,7 @@ class DiT(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod
-    def from_state_dict(cls, checkpoint, **overrides):
+    def from_state_dict(cls, checkpoint: dict, **overrides) -> DiT:
         """Build the model a checkpoint describes (any of `backbone_state_dict`'s forms) and load
         it strictly. A train.py checkpoint or an export records its model config, head count
         included; for a bare state dict (the official file) the config is read from the weights'
@@ -437,7 +448,7 @@ def sincos_pos_embed_2d(dim, grid_size):
 #################################################################################
 
 
-def backbone_state_dict(checkpoint):
+def backbone_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The DiT weights inside any checkpoint this project meets: a bare state dict (the official
     `DiT-XL-2-256x256.pt`), an official training checkpoint or an export of `python -m dit.export`
     (its "ema"; an export of live weights: its "model"), or a train.py checkpoint (its Lightning
@@ -451,7 +462,7 @@ def backbone_state_dict(checkpoint):
     return checkpoint
 
 
-def infer_config(state_dict):
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     """The constructor arguments a DiT state dict was made with, read from its keys and shapes."""
     try:
         hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
@@ -482,7 +493,7 @@ def infer_config(state_dict):
     )
 
 
-def describe_state_dict(state_dict):
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     """A one-line description of the config behind a state dict, e.g.
     "DiT-XL/2 (adaln_zero, 4×32×32 latent, 1000 classes, learned sigma)"."""
     cfg = infer_config(state_dict)
@@ -497,7 +508,7 @@ def describe_state_dict(state_dict):
 #################################################################################
 
 
-def config_name(depth, hidden_size, patch_size):
+def config_name(depth: int, hidden_size: int, patch_size: int) -> str:
     size = next((s for s, shape in SIZES.items() if shape[:2] == (depth, hidden_size)), "custom")
     return f"DiT-{size}/{patch_size}"
 

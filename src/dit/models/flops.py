@@ -8,6 +8,8 @@ classifier-free guidance not doubled, the VAE excluded. Hardware FLOPs are twice
     python -m dit.flops --image-size 512   # the same at 512px (64×64 latents)
 """
 
+from __future__ import annotations
+
 import argparse
 
 import torch
@@ -18,7 +20,7 @@ from dit.errors import ArgumentParser, exit_on_usage_error
 from dit.models import CONDITIONINGS, DiT_models
 
 
-def count_gflops(model):
+def count_gflops(model: torch.nn.Module) -> float:
     """Forward Gflops (multiply-adds) of `model` for one image, counted by torch's flop counter."""
     device = model.pos_embed.device
     x = torch.randn(1, model.in_channels, model.input_size, model.input_size, device=device)
@@ -37,12 +39,17 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def describe(model):
+def describe(model: torch.nn.Module) -> dict:
     """Name, conditioning, Gflops, parameters and tokens of a model (build it on the meta device
     to pay no memory and no compute: `with torch.device("meta"): model = DiT(...)`)."""
     tokens = (model.input_size // model.patch_size) ** 2
-    return dict(name=model.name, conditioning=model.conditioning, gflops=count_gflops(model),
-                params=count_params(model), tokens=tokens)  # fmt: skip
+    return dict(
+        name=model.name,
+        conditioning=model.conditioning,
+        gflops=count_gflops(model),
+        params=count_params(model),
+        tokens=tokens,
+    )
 
 
 def measure(name, conditioning="adaln_zero", image_size=256):

@@ -91,6 +91,12 @@ def xla_to_cpu(checkpoint: Any) -> Any:
 # ---------------------------------------------------------------- hydra-core 1.3
 
 
+def failed_job_error(job_return: Any) -> BaseException:
+    """The exception a failed Hydra job raised (JobReturn._return_value; its public `return_value`
+    re-raises it)."""
+    return job_return._return_value
+
+
 def parse_overrides(overrides: list[str]) -> list[Any]:
     """Hydra's own parser of command-line overrides (hydra.core.override_parser), which its
     launchers use to expand a sweep."""

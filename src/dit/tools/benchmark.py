@@ -78,9 +78,16 @@ def model_kwargs(name, image_size, activation_checkpointing=False):
     with torch.device("meta"):
         net = DiT_models[name](input_size=image_size // 8)
     depth, hidden = len(net.blocks), net.pos_embed.shape[-1]
-    return dict(input_size=image_size // 8, patch_size=net.patch_size, in_channels=4, num_classes=1000,
-                depth=depth, hidden_size=hidden, num_heads=net.num_heads,
-                activation_checkpointing=activation_checkpointing)  # fmt: skip
+    return dict(
+        input_size=image_size // 8,
+        patch_size=net.patch_size,
+        in_channels=4,
+        num_classes=1000,
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=net.num_heads,
+        activation_checkpointing=activation_checkpointing,
+    )
 
 
 class InMemoryLatents:
@@ -88,8 +95,10 @@ class InMemoryLatents:
 
     def __init__(self, batch_size, kwargs, steps):
         size = kwargs["input_size"]
-        self.batch = (torch.randn(batch_size, kwargs["in_channels"], size, size),
-                      torch.randint(0, kwargs["num_classes"], (batch_size,)))  # fmt: skip
+        self.batch = (
+            torch.randn(batch_size, kwargs["in_channels"], size, size),
+            torch.randint(0, kwargs["num_classes"], (batch_size,)),
+        )
         self.steps = steps
 
     def __len__(self):
@@ -133,12 +142,19 @@ def benchmark_training(args, kwargs, accelerator):
     )
     timer = StepTimer(args.warmup)
     trainer = Trainer(
-        accelerator=accelerator, devices=args.devices, precision=args.precision, max_steps=total,
+        accelerator=accelerator,
+        devices=args.devices,
+        precision=args.precision,
+        max_steps=total,
         strategy=DDPStrategy(**DDP_OPTIONS) if args.devices > 1 or args.ddp else "auto",
         callbacks=[EMA(), NonFiniteGuard(args.nonfinite_guard), timer],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, log_every_n_steps=100,
-    )  # fmt: skip
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=100,
+    )
     trainer.fit(module, train_dataloaders=InMemoryLatents(args.batch_size, kwargs, total))
     seconds = timer.end - timer.start
     device = trainer.strategy.root_device
@@ -192,8 +208,12 @@ def parse_args(argv=None):
         help="DDP even on one device: what DDP costs the step besides the all-reduce between GPUs",
     )
     p.add_argument("--precision", default=None, help="Lightning precision (default: bf16-mixed on GPU, 32-true on CPU)")
-    p.add_argument("--compile", default="auto", type=lambda s: {"true": True, "false": False}.get(s, s),
-                   help="auto (on for CUDA) | true | false | a torch.compile mode, e.g. reduce-overhead")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        default="auto",
+        type=lambda s: {"true": True, "false": False}.get(s, s),
+        help="auto (on for CUDA) | true | false | a torch.compile mode, e.g. reduce-overhead",
+    )
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--nonfinite-guard", type=int, default=10, help="callbacks.nonfinite_guard.max_in_a_row (0: off)")
     p.add_argument("--time-sampler", action="store_true", help="also time the guided sampler (sampler= overrides)")
@@ -216,8 +236,16 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 runs as the official code
     kwargs = model_kwargs(args.model, args.image_size, args.activation_checkpointing)
     fwd = forward_gflop(kwargs)
-    result = dict(model=args.model, image_size=args.image_size, precision=args.precision, compile=args.compile,
-                  devices=args.devices, ddp=args.devices > 1 or args.ddp, forward_gflop_per_image=fwd, train_gflop_per_image=3 * fwd)  # fmt: skip
+    result = dict(
+        model=args.model,
+        image_size=args.image_size,
+        precision=args.precision,
+        compile=args.compile,
+        devices=args.devices,
+        ddp=args.devices > 1 or args.ddp,
+        forward_gflop_per_image=fwd,
+        train_gflop_per_image=3 * fwd,
+    )
     rank0 = True
     if not args.no_train:
         if args.batch_size == 0:
@@ -275,13 +303,17 @@ def report(r):
         f"  model FLOPs per image: forward {r['forward_gflop_per_image']:.1f} GFLOP, train step {r['train_gflop_per_image']:.1f} GFLOP"
     )
     if "train_images_per_sec" in r:
-        print(f"  train, batch {r['batch_size']}/device: {r['train_images_per_sec']:.1f} images/s, "
-              f"step {r['train_step_ms']:.1f} ms, peak memory {r['train_peak_gib']:.2f} GiB allocated / {r['train_reserved_gib']:.2f} reserved, "
-              f"{r['train_tflops_per_device']:.1f} TFLOP/s per device = {100 * r['train_mfu']:.1f}% of the matmul rate")  # fmt: skip
+        print(
+            f"  train, batch {r['batch_size']}/device: {r['train_images_per_sec']:.1f} images/s, "
+            f"step {r['train_step_ms']:.1f} ms, peak memory {r['train_peak_gib']:.2f} GiB allocated / {r['train_reserved_gib']:.2f} reserved, "
+            f"{r['train_tflops_per_device']:.1f} TFLOP/s per device = {100 * r['train_mfu']:.1f}% of the matmul rate"
+        )
     if "sampler_images_per_sec" in r:
-        print(f"  sampler, batch {r['sample_batch_size']} ({r['sampler_forwards_per_image']} forwards/image): "
-              f"{r['sampler_images_per_sec']:.2f} images/s, {r['sampler_tflops']:.1f} TFLOP/s = "
-              f"{100 * r['sampler_mfu']:.1f}% of the matmul rate")  # fmt: skip
+        print(
+            f"  sampler, batch {r['sample_batch_size']} ({r['sampler_forwards_per_image']} forwards/image): "
+            f"{r['sampler_images_per_sec']:.2f} images/s, {r['sampler_tflops']:.1f} TFLOP/s = "
+            f"{100 * r['sampler_mfu']:.1f}% of the matmul rate"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ manifest of where they came from. `DiT.from_state_dict`, `dit.sample` and `modul
     python -m dit.export outputs/.../checkpoints/last.ckpt DiT-B-4-ema.pt
 """
 
+from __future__ import annotations
+
 import argparse
 from pathlib import Path
 
@@ -38,15 +40,20 @@ def is_export(checkpoint):
     return isinstance(checkpoint, dict) and (checkpoint.get("manifest") or {}).get("kind") == "export"
 
 
-def export(checkpoint, source, which="ema"):
+def export(checkpoint: dict, source: str | Path, which: str = "ema") -> dict:
     """The export of a train.py checkpoint: {"ema" (or "model" for the live weights): the weights,
     "config": the model, data and diffusion settings of the run, "manifest": what they are}."""
     state = backbone_weights(checkpoint, which)
     config = checkpoint["config"]
     manifest = dict(
-        kind="export", weights=which, source=str(source), step=checkpoint["global_step"],
-        run=checkpoint.get("manifest"), weights_digest=weights_digest(state), code=code_version(),
-    )  # fmt: skip
+        kind="export",
+        weights=which,
+        source=str(source),
+        step=checkpoint["global_step"],
+        run=checkpoint.get("manifest"),
+        weights_digest=weights_digest(state),
+        code=code_version(),
+    )
     return {
         "ema" if which == "ema" else "model": state,
         "config": {
@@ -70,8 +77,10 @@ def check_output(source, output):
         except UsageError:
             existing = None
         if existing is not None:
-            raise UsageError(f"the output {output} is a training checkpoint (step {existing['global_step']}); "
-                             "an export never replaces one: give another path")  # fmt: skip
+            raise UsageError(
+                f"the output {output} is a training checkpoint (step {existing['global_step']}); "
+                "an export never replaces one: give another path"
+            )
         try:
             earlier = torch.load(output, map_location="cpu", weights_only=False, mmap=True)
         except Exception:  # not a torch file at all
@@ -92,8 +101,10 @@ def main(argv=None):
     check_output(source, output)
     checkpoint = load_weights_file(source)
     if is_export(checkpoint):
-        raise UsageError(f"{source} is already an export (of {checkpoint['manifest']['source']}, step "
-                         f"{checkpoint['manifest']['step']}); sample from it or load it as it is")  # fmt: skip
+        raise UsageError(
+            f"{source} is already an export (of {checkpoint['manifest']['source']}, step "
+            f"{checkpoint['manifest']['step']}); sample from it or load it as it is"
+        )
     if not TRAINING_KEYS <= set(checkpoint if isinstance(checkpoint, dict) else ()):
         raise UsageError(f"{source} is not a training checkpoint of train.py (a bare state dict needs no export)")
     result = export(checkpoint, source, args.weights)

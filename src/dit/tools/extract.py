@@ -2,7 +2,7 @@
 
     python -m dit.extract imagenet/train latents/imagenet_256 --resolution 256          # one GPU
     torchrun --nproc_per_node 8 -m dit.extract imagenet/train latents/imagenet_256      # 8 GPUs
-    python -m dit.extract imagenet/train latents/imagenet_512 --resolution 512 --vae mse --precision bf16
+    python -m dit.extract imagenet/train latents/imagenet_512 --resolution 512 --vae mse --precision bf16-true
 
 Each image goes through the official preprocessing (ADM's centre crop, as the official train.py), and the
 Stable Diffusion VAE encodes it and its mirror image; a record keeps both posteriors (mean, std) and
@@ -16,8 +16,8 @@ is renamed into place in one step, so a rerun of the same command skips it: an i
 where it stopped. The rank that finishes last links every part's shards into `<out_dir>` with one
 index.json and meta.json. An image that cannot be decoded is skipped, counted and listed at the end.
 
-Precision: fp32 by default. `--precision bf16` runs the VAE in bfloat16 on the GPU (its speed-up
-is not measured yet). On a small random VAE of the SD layout (tests/test_extract.py) the posterior
+Precision (Lightning's names, as `trainer.precision`): `32-true` (fp32) by default;
+`--precision bf16-true` runs the VAE in bfloat16 on the GPU (its speed-up is not measured). On a small random VAE of the SD layout (tests/tools/test_extract.py) the posterior
 mean moves by 1.2% of its RMS (RMS of the error; up to 7% for single elements) and the std by under
 1%. The real VAE could not be checked here (no weights offline): compare a few batches in both
 precisions before using it.
@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dit.data.shards import META_FILE, file_crc32
+from dit.data.shards import META_FILE, file_crc32, write_chunks
 from dit.data.vae import encode, load_vae
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 
@@ -120,24 +120,6 @@ def encode_part(files, vae, size, batch_size, num_workers, progress):
     return records, skipped
 
 
-def write_part(records, folder):
-    """One part's records as litdata shards, the layout dit.data.shards.write_shards gives, written in this
-    process: litdata.optimize starts worker processes, ~10 s per call, for work a rank does anyway."""
-    from litdata.streaming.writer import BinaryWriter
-
-    folder.mkdir(parents=True)
-    if not records:
-        return  # nothing in the part could be decoded: its meta.json alone says so
-    writer = BinaryWriter(str(folder), chunk_bytes="64MB")
-    for i, (label, posterior) in enumerate(records):
-        writer[i] = {"label": label, "posterior": posterior}
-    writer.done()
-    # done() leaves the writer's "<rank>.index.json"; its merge() would wait for one per WORLD_SIZE
-    # process of torchrun, but this writer is alone in its folder: its index is the whole index.
-    (worker_index,) = folder.glob("*.index.json")
-    worker_index.rename(folder / "index.json")
-
-
 def merge_parts(out_dir, part_dirs):
     """Link (or copy, across file systems) every part's chunk files into out_dir under one index.json
     — what litdata.merge_datasets does with copies — then write meta.json, the mark of a finished
@@ -162,8 +144,11 @@ def merge_parts(out_dir, part_dirs):
     if config is None:
         raise UsageError(f"no image under {meta['source']} could be decoded; check the folder")
     # with the CRC-32s of the chunks as linked, which dit.data checks before training
-    meta.update(num_samples=sum(chunk["chunk_size"] for chunk in chunks), skipped=skipped,
-                chunk_crc32={chunk["filename"]: file_crc32(out_dir / chunk["filename"]) for chunk in chunks})  # fmt: skip
+    meta.update(
+        num_samples=sum(chunk["chunk_size"] for chunk in chunks),
+        skipped=skipped,
+        chunk_crc32={chunk["filename"]: file_crc32(out_dir / chunk["filename"]) for chunk in chunks},
+    )
     for name, content in [("index.json", dict(config=config, chunks=chunks)), (META_FILE, meta)]:
         tmp = out_dir / f"{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(content, indent=1))
@@ -181,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--vae", default="ema", help="ema (default, as train.py), mse, or a local AutoencoderKL folder")
     parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call (their flips are added to it)")
     parser.add_argument(
-        "--precision", choices=["fp32", "bf16"], default="fp32", help="the VAE's dtype (bf16: GPU only)"
+        "--precision", choices=["32-true", "bf16-true"], default="32-true", help="the VAE's dtype (bf16-true: GPU only)"
     )
     parser.add_argument(
         "--part-size", type=int, default=10_000, help="images per part, the unit of work split and resume"
@@ -204,32 +189,45 @@ def main(argv=None):
     )
     local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if args.precision == "bf16" and device.type != "cuda":
-        raise UsageError("--precision bf16 is for GPUs; on the CPU use fp32")
+    if args.precision == "bf16-true" and device.type != "cuda":
+        raise UsageError("--precision bf16-true is for GPUs; on the CPU use 32-true")
     files, classes = list_images(args.image_dir)
     num_parts = -(-len(files) // args.part_size)
     parts_root = out_dir / "parts"
     part_dirs = [parts_root / f"part_{p:05d}" for p in range(num_parts)]
     todo = [p for p in range(rank, num_parts, world) if not part_dirs[p].exists()]
-    print(f"rank {rank}/{world}: {len(files)} images of {len(classes)} classes in {num_parts} parts; "
-          f"{len(todo)} of this rank's {len(range(rank, num_parts, world))} parts to encode on {device}")  # fmt: skip
+    print(
+        f"rank {rank}/{world}: {len(files)} images of {len(classes)} classes in {num_parts} parts; "
+        f"{len(todo)} of this rank's {len(range(rank, num_parts, world))} parts to encode on {device}"
+    )
 
     if todo:
-        vae = load_vae(args.vae, device, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        vae = load_vae(args.vae, device, torch.bfloat16 if args.precision == "bf16-true" else torch.float32)
         meta = dict(
-            channels=vae.config.latent_channels, latent_size=args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
-            num_classes=len(classes), source=str(Path(args.image_dir).resolve()), vae=args.vae,
-            resolution=args.resolution, precision=args.precision, classes=classes,
-        )  # fmt: skip
+            channels=vae.config.latent_channels,
+            latent_size=args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
+            num_classes=len(classes),
+            source=str(Path(args.image_dir).resolve()),
+            vae=args.vae,
+            resolution=args.resolution,
+            precision=args.precision,
+            classes=classes,
+        )
     total = sum(len(files[p * args.part_size : (p + 1) * args.part_size]) for p in todo)
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc=f"rank {rank}") as progress:
         for p in todo:
-            records, skipped = encode_part(files[p * args.part_size : (p + 1) * args.part_size], vae,
-                                           args.resolution, args.batch_size, args.num_workers, progress)  # fmt: skip
+            records, skipped = encode_part(
+                files[p * args.part_size : (p + 1) * args.part_size],
+                vae,
+                args.resolution,
+                args.batch_size,
+                args.num_workers,
+                progress,
+            )
             tmp = part_dirs[p].with_name(part_dirs[p].name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
-            write_part(records, tmp)
+            write_chunks(records, tmp)
             (tmp / META_FILE).write_text(json.dumps(dict(meta, num_samples=len(records), skipped=skipped)))
             os.replace(tmp, part_dirs[p])  # the part is finished: a rerun skips it
     if total:
@@ -242,9 +240,11 @@ def main(argv=None):
         return
     meta = merge_parts(out_dir, part_dirs)
     skipped = meta["skipped"]
-    print(f"wrote {meta['num_samples']} records ({meta['channels']}×{meta['latent_size']}×{meta['latent_size']} "
-          f"latents, {len(classes)} classes) to {out_dir}; {len(skipped)} files could not be decoded and were skipped"
-          + "".join(f"\n  skipped: {path}" for path in skipped))  # fmt: skip
+    print(
+        f"wrote {meta['num_samples']} records ({meta['channels']}×{meta['latent_size']}×{meta['latent_size']} "
+        f"latents, {len(classes)} classes) to {out_dir}; {len(skipped)} files could not be decoded and were skipped"
+        + "".join(f"\n  skipped: {path}" for path in skipped)
+    )
 
 
 if __name__ == "__main__":

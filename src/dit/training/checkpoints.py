@@ -1,5 +1,5 @@
-"""Runs that survive: atomic checkpoint files, finding the checkpoint to resume from, preemption,
-and a guard against non-finite losses.
+"""Runs that survive: atomic checkpoint files, finding the checkpoint to resume from, and a
+checkpoint at preemption (the non-finite guard is callbacks/nonfinite_guard.py).
 
 A DiT-XL/2 run is millions of steps on preemptible machines; the official code cannot resume at
 all. Here `resume=auto` continues from the readable checkpoint of the run's folder with the
@@ -7,6 +7,8 @@ highest step, every checkpoint is checked byte for byte before it is trusted, a 
 saves one and exits with PREEMPTED_EXIT_CODE, and a crash while writing never destroys the last
 good checkpoint.
 """
+
+from __future__ import annotations
 
 import os
 import signal
@@ -56,7 +58,7 @@ def check_integrity(path):
         raise UsageError(f"checkpoint {path} is corrupt: its record {bad} fails its CRC-32 check (a changed byte)")
 
 
-def load_weights_file(path):
+def load_weights_file(path: str | Path) -> dict:
     """torch.load of any checkpoint this project reads (train.py's, an export, the official file),
     on the CPU, after `check_integrity` where the file is a zip archive (files of torch < 1.6 are
     not). A missing or unreadable file raises a UsageError that names it."""
@@ -73,7 +75,7 @@ def load_weights_file(path):
         raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
 
 
-def read_checkpoint(path, verify=True):
+def read_checkpoint(path: str | Path, verify: bool = True) -> dict | None:
     """A train.py checkpoint, loaded on the CPU with its tensors memory-mapped (nothing large is
     read), after `check_integrity` when `verify`. Raises a UsageError that says what is wrong."""
     if not Path(path).is_file():
@@ -101,7 +103,7 @@ def remove_stale_temporaries(folder, log=print):
         tmp.unlink(missing_ok=True)
 
 
-def checkpoint_to_resume(resume, folders, log=print):
+def checkpoint_to_resume(resume: str | None, folders, log=print) -> tuple[str | None, dict | None]:
     """(path, checkpoint) a run starts from: (None, None) for a fresh run; for "auto", the
     readable checkpoint of the run's checkpoint folders with the highest step (last.ckpt wins a
     tie), skipping corrupt ones with a message; or the path given, which starts a new run (a

@@ -24,20 +24,46 @@ MANIFEST_FILE = "manifest.json"
 # Keys of a run config that may change between the launches of one run. A key listed here covers
 # its children; RECIPE_KEYS below puts back the trainer settings that change the result.
 LAUNCH_KEYS = (
-    "name", "resume", "accept_changes", "output_dir", "shared_dir", "lock_run",
-    "trainer",                      # devices, strategy, max_steps, intervals (RECIPE_KEYS keeps precision)
-    "logger", "launcher",
-    "callbacks.progress_bar", "callbacks.checkpoint", "callbacks.stop_checkpoint", "callbacks.lr_monitor",
-    "callbacks.fid", "callbacks.digits_accuracy", "callbacks.nonfinite_guard", "callbacks.throughput",
+    "name",
+    "resume",
+    "accept_changes",
+    "output_dir",
+    "shared_dir",
+    "lock_run",
+    "trainer",  # devices, strategy, max_steps, intervals (RECIPE_KEYS keeps precision)
+    "logger",
+    "launcher",
+    "callbacks.progress_bar",
+    "callbacks.checkpoint",
+    "callbacks.stop_checkpoint",
+    "callbacks.lr_monitor",
+    "callbacks.fid",
+    "callbacks.digits_accuracy",
+    "callbacks.nonfinite_guard",
+    "callbacks.throughput",
     "callbacks.rng_state",
-    "module.model", "module.objective",  # the model and objective groups again (module.model: ${model})
-    "module.compile", "module.sampling", "module.sampler", "sampler",  # the sample grids' sampler
-    "data.num_workers", "data.cache_dir", "data.sample_classes", "data.samples_per_class", "data.prepare",
-    "data.sample_batch_size", "data.pixels",
-    "model.activation_checkpointing", "model.attention",  # the same function, computed another way
-)  # fmt: skip
-RECIPE_KEYS = ("trainer.precision", "trainer.gradient_clip_val", "trainer.gradient_clip_algorithm",
-               "trainer.accumulate_grad_batches")  # fmt: skip
+    "module.model",
+    "module.objective",  # the model and objective groups again (module.model: ${model})
+    "module.compile",
+    "module.sampling",
+    "module.sampler",
+    "sampler",  # the sample grids' sampler
+    "data.num_workers",
+    "data.cache_dir",
+    "data.sample_classes",
+    "data.samples_per_class",
+    "data.prepare",
+    "data.sample_batch_size",
+    "data.pixels",
+    "model.activation_checkpointing",
+    "model.attention",  # the same function, computed another way
+)
+RECIPE_KEYS = (
+    "trainer.precision",
+    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
+    "trainer.accumulate_grad_batches",
+)
 # Settings a run cannot change even on purpose: the checkpoint's weights have the model's shapes,
 # its RNG states and the loader's position continue the seed's draws, and litdata refuses to
 # continue a position in another folder. A different value is a new run (module.init_from=...).
@@ -74,9 +100,11 @@ def run_identity(config):
     (a plain dict) less LAUNCH_KEYS, plus RECIPE_KEYS, less the classes that implement a callback
     (the EMA's `_target_` differs on a TPU: the same average)."""
     return {
-        k: v for k, v in flatten(config).items()
-        if (not _covered(k, LAUNCH_KEYS) or _covered(k, RECIPE_KEYS)) and not (k.startswith("callbacks.") and k.endswith("_target_"))
-    }  # fmt: skip
+        k: v
+        for k, v in flatten(config).items()
+        if (not _covered(k, LAUNCH_KEYS) or _covered(k, RECIPE_KEYS))
+        and not (k.startswith("callbacks.") and k.endswith("_target_"))
+    }
 
 
 def fixed(keys):

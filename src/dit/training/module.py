@@ -48,8 +48,17 @@ class DiTModule(LightningModule):
             torch.compile's modes ("reduce-overhead" adds CUDA graphs, "max-autotune" ...).
     """
 
-    def __init__(self, model: DiT, optimizer: partial, diffusion: dict, objective: Objective, sampler: Sampler,
-                 sampling: dict, init_from: str | None = None, compile: bool | str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        model: DiT,
+        optimizer: partial,
+        diffusion: dict,
+        objective: Objective,
+        sampler: Sampler,
+        sampling: dict,
+        init_from: str | None = None,
+        compile: bool | str = "auto",
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "objective", "sampler"])
         self.model = model

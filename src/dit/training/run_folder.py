@@ -157,10 +157,11 @@ def this_process():
             return None
 
     return dict(
-        pid=os.getpid(), host=socket.gethostname(),
+        pid=os.getpid(),
+        host=socket.gethostname(),
         boot=read("/proc/sys/kernel/random/boot_id", lambda p: Path(p).read_text().strip()),
         pid_namespace=read("/proc/self/ns/pid", lambda p: os.stat(p).st_ino),
-    )  # fmt: skip
+    )
 
 
 def check_writable(folder, needed_bytes):
@@ -311,7 +312,7 @@ def write_run_manifest(folder, config, overrides, resumed_from, accepted):
             overrides=list(overrides),
             resumed_from=resumed_from,
             accepted_changes=accepted or None,
-        )  # fmt: skip
+        )
     )
     write_manifest(folder, manifest)
     return manifest

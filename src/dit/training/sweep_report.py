@@ -12,6 +12,8 @@ import sys
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 
+from dit.platform.compat import failed_job_error
+
 
 class FailedJobsReport(Callback):
     def __init__(self):
@@ -29,7 +31,7 @@ class FailedJobsReport(Callback):
         if job_return.status == JobStatus.FAILED:
             if not self.failed:
                 atexit.register(self.report)
-            error = job_return._return_value
+            error = failed_job_error(job_return)
             self.failed.append((" ".join(job_return.overrides), f"{type(error).__name__}: {error}".splitlines()[0]))
 
     def report(self):

@@ -74,6 +74,9 @@ class EMA(WeightAveraging):
     def setup(self, trainer, pl_module, stage):
         if stage == "fit":
             device, use_buffers, options = weight_averaging_options(self)
-            set_averaged_model(self, HostCountAveragedModel(
-                pl_module, options["multi_avg_fn"], device=device or pl_module.device, use_buffers=use_buffers
-            ))  # fmt: skip
+            set_averaged_model(
+                self,
+                HostCountAveragedModel(
+                    pl_module, options["multi_avg_fn"], device=device or pl_module.device, use_buffers=use_buffers
+                ),
+            )

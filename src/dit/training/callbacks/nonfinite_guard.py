@@ -53,8 +53,10 @@ class NonFiniteGuard(Callback):
             self.in_a_row += 1
             self.total += 1
             pl_module.log("train/nonfinite_skipped", float(self.total))
-            print(f"step {trainer.global_step}: non-finite gradients, update skipped "
-                  f"({self.in_a_row} in a row of {self.max_in_a_row} allowed)")  # fmt: skip
+            print(
+                f"step {trainer.global_step}: non-finite gradients, update skipped "
+                f"({self.in_a_row} in a row of {self.max_in_a_row} allowed)"
+            )
             if self.in_a_row >= self.max_in_a_row:
                 self._stop(
                     trainer,
@@ -71,8 +73,10 @@ class NonFiniteGuard(Callback):
         in_a_row, longest, total = self._on_device
         skipped, longest_seen = int(total), int(longest)
         if skipped > self.total:
-            print(f"step {trainer.global_step}: {skipped - self.total} updates skipped since the last check for "
-                  f"non-finite gradients (at most {longest_seen} in a row; {self.max_in_a_row} allowed)")  # fmt: skip
+            print(
+                f"step {trainer.global_step}: {skipped - self.total} updates skipped since the last check for "
+                f"non-finite gradients (at most {longest_seen} in a row; {self.max_in_a_row} allowed)"
+            )
             self.total = skipped
             pl_module.log("train/nonfinite_skipped", torch.tensor(float(skipped)))
         if longest_seen >= self.max_in_a_row:

@@ -1,35 +1,22 @@
-"""Runs that survive: exact resume after SIGKILL, preemption by signal, atomic and corrupt
-checkpoints, the non-finite guard, and a named run that is never overwritten."""
+"""Runs that survive: exact resume after SIGKILL, preemption by signal, sweeps rerun, changed
+settings, and a named run that is never overwritten."""
 
 import csv
 import json
 import os
-import re
 import signal
-import struct
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from conftest import one_line_error
-from test_training import ROOT, run_train
+from conftest import ROOT, args, one_line_error, run_train
 
 from dit.training.checkpoints import (
     PREEMPTED_EXIT_CODE,
-    AtomicCheckpointIO,
-    StopCheckpoint,
-    checkpoint_to_resume,
     read_checkpoint,
 )
-
-SHORT = ["experiment=quickstart", "trainer.val_check_interval=1000", "~callbacks.digits_accuracy", "trainer.log_every_n_steps=1",
-         "callbacks.checkpoint.every_n_train_steps=10", "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
-
-
-def args(digits_dir, *extra):
-    return [*SHORT, f"data.path={digits_dir}", *extra]
 
 
 def losses(run_dir):
@@ -44,6 +31,11 @@ def losses(run_dir):
 def weights(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     return ckpt["global_step"], ckpt["state_dict"], ckpt["current_model_state"], ckpt["optimizer_states"][0]
+
+
+def run_env():
+
+    return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
 
 
 def test_resume_after_sigkill_is_exact(tmp_path, digits_dir):
@@ -62,6 +54,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, digits_dir):
     while not first.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None and (run_dir / "run.lock").exists()
+    proc.send_signal(signal.SIGSTOP)  # held mid-run (alive, holding its lock) while a second launch tries
     second = run_train(args(digits_dir, *steps, "name=killed", "resume=auto"), cwd=tmp_path)
     assert second.returncode == 2 and one_line_error(second.stderr, f"is in use by process {proc.pid} on this host")
     proc.send_signal(signal.SIGKILL)
@@ -89,26 +82,6 @@ def test_resume_after_sigkill_is_exact(tmp_path, digits_dir):
     assert losses(tmp_path / "outputs" / "full") == losses(tmp_path / "outputs" / "killed")
 
 
-def run_env():
-    import os
-
-    return dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-
-
-def test_both_signals_are_caught():
-    """SIGUSR1 (SLURM's warning signal) takes the path SIGTERM takes end to end below."""
-    stop = StopCheckpoint("unused")
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        stop.on_train_start(None, None)
-        for sig in before:
-            os.kill(os.getpid(), sig)
-            assert stop.received == sig.name
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, sig):
     cmd = [sys.executable, str(ROOT / "train.py"), *args(digits_dir, "trainer.max_steps=100000", "name=pre")]
@@ -126,8 +99,9 @@ def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, s
     ckpt = read_checkpoint(tmp_path / "outputs" / "pre" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] >= 10
     # ...and resume=auto continues from it
-    again = run_train(args(digits_dir, f"trainer.max_steps={ckpt['global_step'] + 3}", "name=pre", "resume=auto"),
-                      cwd=tmp_path)  # fmt: skip
+    again = run_train(
+        args(digits_dir, f"trainer.max_steps={ckpt['global_step'] + 3}", "name=pre", "resume=auto"), cwd=tmp_path
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert (
         read_checkpoint(tmp_path / "outputs" / "pre" / "checkpoints" / "last.ckpt")["global_step"]
@@ -137,7 +111,7 @@ def test_signal_saves_a_checkpoint_and_exits_for_requeue(tmp_path, digits_dir, s
 
 def test_named_run_is_never_overwritten(tmp_path, digits_dir, capsys):
     import train
-    from test_training import compose_cfg
+    from conftest import compose_cfg
 
     first = run_train(args(digits_dir, "trainer.max_steps=10", "name=mine"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -148,8 +122,10 @@ def test_named_run_is_never_overwritten(tmp_path, digits_dir, capsys):
     run_dir = tmp_path / "outputs" / "mine"
     step10 = run_dir / "checkpoints" / "step=0000010.ckpt"
     stamp = step10.stat().st_mtime_ns
-    for extra, message in [(["resume=auto"], "give the run a name (name=...)"),
-                           (["name=mine", f"resume='{step10}'"], "would be overwritten")]:  # fmt: skip
+    for extra, message in [
+        (["resume=auto"], "give the run a name (name=...)"),
+        (["name=mine", f"resume='{step10}'"], "would be overwritten"),
+    ]:
         with pytest.raises(SystemExit):  # in this process: the same train.py main, without an interpreter's start
             train.main(
                 compose_cfg(
@@ -166,86 +142,6 @@ def test_named_run_is_never_overwritten(tmp_path, digits_dir, capsys):
         "last.ckpt",
         "step=0000010.ckpt",
     ]
-
-
-def fake_checkpoint(step):
-    return {"state_dict": {"w": torch.full((64,), float(step))}, "global_step": step, "loops": {}}
-
-
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "last.ckpt"
-    io.save_checkpoint(fake_checkpoint(1), path)
-
-    def crash(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        io.save_checkpoint(fake_checkpoint(2), path)
-    assert read_checkpoint(path)["global_step"] == 1
-
-
-def test_resume_auto_takes_the_highest_step_not_the_newest_file(tmp_path):
-    io, messages = AtomicCheckpointIO(), []
-    io.save_checkpoint(fake_checkpoint(20), tmp_path / "last.ckpt")
-    time.sleep(0.01)
-    io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")  # an old checkpoint copied in later
-    path, checkpoint = checkpoint_to_resume("auto", tmp_path, log=messages.append)
-    assert path == str(tmp_path / "last.ckpt") and checkpoint["global_step"] == 20
-    assert messages == [f"resume=auto: continuing from {tmp_path / 'last.ckpt'} (step 20)"]
-
-
-def test_resume_auto_skips_a_checkpoint_with_a_changed_byte(tmp_path):
-    io, messages = AtomicCheckpointIO(), []
-    io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")
-    io.save_checkpoint(fake_checkpoint(20), tmp_path / "step=0000020.ckpt")
-    flipped = tmp_path / "step=0000020.ckpt"
-    data = bytearray(flipped.read_bytes())
-    at = data.index(struct.pack("<f", 20.0) * 3)  # inside the weights' bytes
-    data[at] ^= 0x01
-    flipped.write_bytes(bytes(data))
-    assert torch.load(flipped, weights_only=False)["state_dict"]["w"][0] != 20.0  # torch.load takes it as it is
-    path, _ = checkpoint_to_resume("auto", tmp_path, log=messages.append)
-    assert path == str(tmp_path / "step=0000010.ckpt")
-    assert f"skipping checkpoint {flipped} is corrupt: its record" in messages[0] and "CRC-32" in messages[0]
-    with pytest.raises(ValueError, match="fails its CRC-32 check"):
-        read_checkpoint(flipped)
-
-
-def test_resume_auto_falls_back_past_a_corrupt_checkpoint(tmp_path):
-    io, messages = AtomicCheckpointIO(), []
-    io.save_checkpoint(fake_checkpoint(10), tmp_path / "step=0000010.ckpt")
-    time.sleep(0.01)
-    io.save_checkpoint(fake_checkpoint(20), tmp_path / "last.ckpt")
-    data = (tmp_path / "last.ckpt").read_bytes()
-    (tmp_path / "last.ckpt").write_bytes(data[: len(data) // 2])  # truncated, e.g. by a full disk
-    assert checkpoint_to_resume("auto", tmp_path, log=messages.append)[0] == str(tmp_path / "step=0000010.ckpt")
-    assert "truncated or corrupt" in messages[0] and "continuing from" in messages[1]
-    with pytest.raises(ValueError, match="last.ckpt is truncated or corrupt"):
-        checkpoint_to_resume(str(tmp_path / "last.ckpt"), tmp_path / "new_run")
-    assert checkpoint_to_resume("auto", tmp_path / "empty", log=messages.append) == (None, None)
-
-
-@pytest.mark.parametrize("skip", ["on_device", "host_read"])
-def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, digits_dir, skip):
-    """lr = 1e30 blows the weights up within a few steps; the guard skips, counts, then stops.
-    Fused AdamW (the default) skips on the device, counted once per logging interval; another
-    optimizer falls back to a host read of the gradient norm every step."""
-    extra = ["+module.optimizer.fused=false"] if skip == "host_read" else []
-    result = run_train(args(digits_dir, "trainer.max_steps=200", "name=nan", "module.optimizer.lr=1e30",
-                            "callbacks.nonfinite_guard.max_in_a_row=3", "trainer.log_every_n_steps=10", *extra), cwd=tmp_path)  # fmt: skip
-    assert result.returncode != 0
-    if skip == "host_read":
-        assert "non-finite gradients, update skipped (1 in a row of 3 allowed)" in result.stdout
-        assert "3 updates in a row had non-finite gradients (at step" in result.stderr
-    else:
-        assert re.search(r"step 10: \d+ updates skipped since the last check for non-finite gradients", result.stdout)
-        assert re.search(r"\d+ updates in a row had non-finite gradients \(by step 10\)", result.stderr)
-    assert "resume=auto" in result.stderr
-    ckpt = read_checkpoint(tmp_path / "outputs" / "nan" / "checkpoints" / "last.ckpt")
-    assert ckpt["callbacks"]["NonFiniteGuard"]["total"] >= 3 and ckpt["global_step"] < 200
-    assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values())  # the last good weights
 
 
 def test_rerun_sweep_with_resume_finishes_only_what_is_missing(tmp_path, digits_dir):
@@ -283,8 +179,16 @@ def test_resumed_wandb_run_keeps_its_id(tmp_path, digits_dir):
 
 
 def test_only_the_newest_k_checkpoints_are_kept(tmp_path, digits_dir):
-    result = run_train(args(digits_dir, "trainer.max_steps=10", "name=k", "callbacks.checkpoint.every_n_train_steps=2",
-                            "callbacks.checkpoint.save_top_k=2"), cwd=tmp_path)  # fmt: skip
+    result = run_train(
+        args(
+            digits_dir,
+            "trainer.max_steps=10",
+            "name=k",
+            "callbacks.checkpoint.every_n_train_steps=2",
+            "callbacks.checkpoint.save_top_k=2",
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     kept = sorted(p.name for p in (tmp_path / "outputs" / "k" / "checkpoints").glob("*.ckpt"))
     assert kept == ["last.ckpt", "step=0000008.ckpt", "step=0000010.ckpt"]
@@ -295,19 +199,29 @@ def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir
     accept_changes=true the new values are the ones in force (the restored optimizer state would
     otherwise keep the old lr) and the run's manifest records them. logger=none trains too."""
     import train
-    from test_training import quick_cfg
+    from conftest import quick_cfg
 
     base = ["~callbacks.digits_accuracy", "name=r", "logger=none", "trainer.val_check_interval=1000"]
     train.main(quick_cfg(tmp_path, digits_dir, *base, "trainer.max_steps=3"))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt)["global_step"] == 3
-    changed = ["resume=auto", "trainer.max_steps=5", "module.optimizer.lr=5e-4", "data.global_batch_size=64",
-               "callbacks.ema.multi_avg_fn.decay=0.99"]  # fmt: skip
+    changed = [
+        "resume=auto",
+        "trainer.max_steps=5",
+        "module.optimizer.lr=5e-4",
+        "data.global_batch_size=64",
+        "callbacks.ema.multi_avg_fn.decay=0.99",
+    ]
     with pytest.raises(SystemExit) as refused:
         train.main(quick_cfg(tmp_path, digits_dir, *base, *changed))
     assert refused.value.code == 2
-    one_line_error(capsys.readouterr().err, "callbacks.ema.multi_avg_fn.decay: 0.995 -> 0.99", "data.global_batch_size: 128 -> 64",
-                   "module.optimizer.lr: 0.001 -> 0.0005", "accept_changes=true")  # fmt: skip
+    one_line_error(
+        capsys.readouterr().err,
+        "callbacks.ema.multi_avg_fn.decay: 0.995 -> 0.99",
+        "data.global_batch_size: 128 -> 64",
+        "module.optimizer.lr: 0.001 -> 0.0005",
+        "accept_changes=true",
+    )
     assert read_checkpoint(ckpt)["global_step"] == 3  # untouched
     train.main(quick_cfg(tmp_path, digits_dir, *base, *changed, "accept_changes=true"))
     resumed = read_checkpoint(ckpt)

@@ -13,6 +13,18 @@ def write_lock(folder, **owner):
     (folder / "run.lock").write_text(json.dumps(dict(this_process(), started=time.time()) | owner))
 
 
+def launch(sweep, command, *jobs):
+    """One launch of a sweep: Hydra writes multirun.yaml (with the command line's overrides), then
+    resolves each job's folder."""
+    sweep.mkdir(exist_ok=True)
+    (sweep / "multirun.yaml").write_text(
+        json.dumps({"hydra": {"overrides": {"task": command}, "sweeper": {"params": None}}})
+    )
+    stamp = time.time_ns() + 10**9 * len(list(sweep.glob("*/.claimed-in-launch-*")))  # a new mtime per launch
+    os.utime(sweep / "multirun.yaml", ns=(stamp, stamp))
+    return [sweep_job_folder(sweep, num, overrides) for num, overrides in enumerate(jobs)]
+
+
 def test_a_live_lock_is_refused_and_a_dead_one_taken_over(tmp_path):
     messages = []
     write_lock(tmp_path, pid=os.getppid())  # a live process of this machine: pytest's parent
@@ -47,18 +59,6 @@ def test_the_lock_is_refreshed_while_held(tmp_path, monkeypatch):
     time.sleep(0.3)
     assert time.time() - (tmp_path / "run.lock").stat().st_mtime < 5
     lock.release()
-
-
-def launch(sweep, command, *jobs):
-    """One launch of a sweep: Hydra writes multirun.yaml (with the command line's overrides), then
-    resolves each job's folder."""
-    sweep.mkdir(exist_ok=True)
-    (sweep / "multirun.yaml").write_text(
-        json.dumps({"hydra": {"overrides": {"task": command}, "sweeper": {"params": None}}})
-    )
-    stamp = time.time_ns() + 10**9 * len(list(sweep.glob("*/.claimed-in-launch-*")))  # a new mtime per launch
-    os.utime(sweep / "multirun.yaml", ns=(stamp, stamp))
-    return [sweep_job_folder(sweep, num, overrides) for num, overrides in enumerate(jobs)]
 
 
 def test_sweep_jobs_find_their_folders_again(tmp_path):

@@ -1,4 +1,4 @@
-"""The backbone against the paper (Table 4, §3.2 ablation) and the official code's layout/meaning."""
+"""The backbone (dit.models.dit) against the paper (§3) and the official code's layout and meaning."""
 
 import math
 
@@ -6,31 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny
 
 from dit.models import CONDITIONINGS, DiT, DiT_models, describe_state_dict, infer_config
-from dit.models.flops import count_gflops, count_params, measure
-from dit.models.flops import main as flops_main
-
-# Paper Table 4 (256px): Gflops and parameters (M).
-TABLE_4 = {
-    "DiT-S/8": (0.36, 33), "DiT-S/4": (1.41, 33), "DiT-S/2": (6.06, 33),
-    "DiT-B/8": (1.42, 131), "DiT-B/4": (5.56, 130), "DiT-B/2": (23.01, 130),
-    "DiT-L/8": (5.01, 459), "DiT-L/4": (19.70, 458), "DiT-L/2": (80.71, 458),
-    "DiT-XL/8": (7.39, 676), "DiT-XL/4": (29.05, 675), "DiT-XL/2": (118.64, 675),
-}  # fmt: skip
-# Paper §4 conditioning ablation on XL/2: Gflops and parameters (M).
-ABLATION = {
-    "in_context": (119.37, 449),
-    "cross_attn": (137.62, 598),
-    "adaln": (118.56, 600),
-    "adaln_zero": (118.64, 675),
-}
-
-
-def tiny(**kwargs):
-    """A small config through the same code as the paper's: 2 blocks, width 64, 4 heads."""
-    args = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10)
-    return DiT(**(args | kwargs))
 
 
 def randomize(model, seed=0):
@@ -40,62 +18,6 @@ def randomize(model, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
-
-
-# ----------------------------------------------------------------------------- numbers of the paper
-
-
-@pytest.mark.parametrize("name", list(TABLE_4))
-def test_gflops_and_params_match_table_4(name):
-    gflops, params, _ = measure(name)
-    paper_gflops, paper_params = TABLE_4[name]
-    assert gflops == pytest.approx(paper_gflops, rel=0.01, abs=0.02)
-    assert params / 1e6 == pytest.approx(paper_params, rel=0.01)
-
-
-@pytest.mark.parametrize("conditioning", CONDITIONINGS)
-def test_conditioning_ablation_matches_paper(conditioning):
-    gflops, params, _ = measure("DiT-XL/2", conditioning)
-    paper_gflops, paper_params = ABLATION[conditioning]
-    assert gflops == pytest.approx(paper_gflops, rel=0.01)
-    assert params / 1e6 == pytest.approx(paper_params, rel=0.01)
-
-
-def test_xl2_parameter_count_equals_official():
-    # Numbers the official train.py logs for DiT-XL/2 at 256px: all parameters, and trainable ones
-    # (the sin-cos position embedding is a frozen parameter).
-    with torch.device("meta"):
-        model = DiT_models["DiT-XL/2"]()
-    assert count_params(model) == 675_129_632
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 674_834_720
-    assert len(model.state_dict()) == 292
-
-
-def test_512px_gflops_match_paper():
-    # Paper §5: DiT-XL/2 at 512×512 (64×64 latents, 1024 tokens) costs 524.60 Gflops.
-    gflops, _, tokens = measure("DiT-XL/2", image_size=512)
-    assert tokens == 1024
-    assert gflops == pytest.approx(524.60, rel=0.01)
-
-
-def test_flop_count_sees_attention_on_cpu():
-    # The attention term is 2·T²·D per block; losing it (fused CPU kernel) would lower the count.
-    model = tiny(depth=1, hidden_size=64, input_size=16, patch_size=1).eval()
-    T, D = 256, 64
-    no_attn_estimate = 12 * T * D * D  # qkv, proj, mlp
-    assert count_gflops(model) * 1e9 > no_attn_estimate + 2 * T * T * D * 0.99
-
-
-def test_flops_command_prints_whole_table(capsys):
-    flops_main([])
-    out = capsys.readouterr().out
-    assert "multiply-add = 1 flop" in out
-    rows = [line for line in out.splitlines() if line.startswith("| DiT-")]
-    assert len(rows) == 15
-    assert "| DiT-XL/2 | adaln_zero | 256 | 118.6" in out
-
-
-# ----------------------------------------------------------------------------- official layout
 
 
 def official_keys(depth, D, patch, tokens, out_channels=8, classes=1000):
@@ -130,14 +52,6 @@ def official_keys(depth, D, patch, tokens, out_channels=8, classes=1000):
     return keys
 
 
-@pytest.mark.parametrize("image_size", [256, 512])
-def test_adaln_zero_state_dict_layout_equals_official(image_size):
-    with torch.device("meta"):
-        model = DiT_models["DiT-XL/2"](input_size=image_size // 8)
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == official_keys(28, 1152, 2, (image_size // 16) ** 2)
-
-
 def reference_forward(sd, x, t, y, patch, heads):
     """The official DiT forward written from its description with plain tensor ops and an
     explicit softmax(QKᵀ/√d)V (timm 0.6 Attention), reading weights straight from the state dict."""
@@ -149,8 +63,11 @@ def reference_forward(sd, x, t, y, patch, heads):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(x.dtype)
     arg = t.to(x.dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)
-    t_emb = F.linear(F.silu(F.linear(emb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
-                     sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])  # fmt: skip
+    t_emb = F.linear(
+        F.silu(F.linear(emb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+        sd["t_embedder.mlp.2.weight"],
+        sd["t_embedder.mlp.2.bias"],
+    )
     c = t_emb + sd["y_embedder.embedding_table.weight"][y]
     B, N, _ = tok.shape
     hd = D // heads
@@ -167,14 +84,26 @@ def reference_forward(sd, x, t, y, patch, heads):
         n = F.layer_norm(tok, (D,), eps=1e-6) * (1 + sc2[:, None]) + sh2[:, None]
         m = F.gelu(F.linear(n, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]), approximate="tanh")
         tok = tok + g2[:, None] * F.linear(m, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
-    sh, sc = F.linear(F.silu(c), sd["final_layer.adaLN_modulation.1.weight"],
-                      sd["final_layer.adaLN_modulation.1.bias"]).split(D, dim=1)  # fmt: skip
-    out = F.linear(F.layer_norm(tok, (D,), eps=1e-6) * (1 + sc[:, None]) + sh[:, None],
-                   sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])  # fmt: skip
+    sh, sc = F.linear(
+        F.silu(c), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"]
+    ).split(D, dim=1)
+    out = F.linear(
+        F.layer_norm(tok, (D,), eps=1e-6) * (1 + sc[:, None]) + sh[:, None],
+        sd["final_layer.linear.weight"],
+        sd["final_layer.linear.bias"],
+    )
     g = int(N**0.5)
     C = out.shape[-1] // (patch * patch)
     out = out.reshape(B, g, g, patch, patch, C)  # (n, h, w, p, q, c) -> (n, c, h, p, w, q)
     return out.permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * patch, g * patch)
+
+
+@pytest.mark.parametrize("image_size", [256, 512])
+def test_adaln_zero_state_dict_layout_equals_official(image_size):
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=image_size // 8)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official_keys(28, 1152, 2, (image_size // 16) ** 2)
 
 
 def test_official_weights_mean_the_same_here():
@@ -209,9 +138,6 @@ def test_pos_embed_equals_mae_recipe():
     model = tiny(hidden_size=D, num_heads=2, input_size=8, patch_size=2)
     np.testing.assert_allclose(model.pos_embed[0].numpy(), expected.astype(np.float32), rtol=0, atol=1e-7)
     assert not model.pos_embed.requires_grad
-
-
-# ----------------------------------------------------------------------------- behaviour
 
 
 def test_fresh_adaln_zero_model_outputs_zero():
@@ -283,8 +209,17 @@ def test_checkpoint_roundtrip_builds_the_right_config():
     donor = randomize(tiny(conditioning="cross_attn", num_classes=7, in_channels=3, learn_sigma=False))
     cfg = infer_config(donor.state_dict())
     # Weights do not record the head count: off the paper's widths it is unknown, never guessed.
-    assert cfg == dict(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=None,
-                       num_classes=7, learn_sigma=False, conditioning="cross_attn")  # fmt: skip
+    assert cfg == dict(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=64,
+        depth=2,
+        num_heads=None,
+        num_classes=7,
+        learn_sigma=False,
+        conditioning="cross_attn",
+    )
     with pytest.raises(
         ValueError, match="width 64, off the paper's table, and does not record its head count: pass num_heads="
     ):
@@ -299,9 +234,6 @@ def test_official_xl2_checkpoint_is_recognised():
     with torch.device("meta"):
         sd = DiT_models["DiT-XL/2"](input_size=64).state_dict()
     assert describe_state_dict(sd) == "DiT-XL/2 (adaln_zero, 4×64×64 latent, 1000 classes, learned sigma)"
-
-
-# ----------------------------------------------------------------------------- bad input
 
 
 def test_unknown_model_name_lists_the_choices():

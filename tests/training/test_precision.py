@@ -8,15 +8,24 @@ import csv
 
 import torch
 import train
-from test_training import quick_cfg
+from conftest import quick_cfg
 
 STEPS, WINDOW = 120, 40
 
 
 def losses(tmp_path, digits_dir, precision):
-    cfg = quick_cfg(tmp_path / precision, digits_dir, f"trainer.precision={precision}", f"trainer.max_steps={STEPS}",
-                    "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "data.global_batch_size=32", "model.depth=2",
-                    "~callbacks.digits_accuracy", "~callbacks.checkpoint")  # fmt: skip
+    cfg = quick_cfg(
+        tmp_path / precision,
+        digits_dir,
+        f"trainer.precision={precision}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=0",
+        "data.global_batch_size=32",
+        "model.depth=2",
+        "~callbacks.digits_accuracy",
+        "~callbacks.checkpoint",
+    )
     train.main(cfg)
     rows = csv.DictReader(open(tmp_path / precision / "csv" / "version_0" / "metrics.csv"))
     return torch.tensor([float(r["train/loss"]) for r in rows if r.get("train/loss")])

@@ -1,50 +1,21 @@
-"""The latent DataModule: shard format, sharding over ranks, resume, flips and posterior sampling."""
+"""The latent DataModule (dit.data.datamodule): sharding over ranks, resume, flips and
+posterior sampling, the loader's batch blocks."""
 
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import datamodule, numbered_shards
 
-from dit.data.datamodule import REUSE_BLOCKS, CollateRecords, LatentDataModule, sample_latents
-from dit.data.shards import PosteriorView, write_shards
-
-
-def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
-    """Shards whose record i has posterior mean i (image) and -i (flip), std 0, label i % classes."""
-    records = []
-    for i in range(n):
-        mean = np.stack([np.full((channels, size, size), i), np.full((channels, size, size), -i)])[:, None]
-        records.append((i % num_classes, np.concatenate([mean, np.zeros_like(mean)], axis=1)))
-    write_shards(records, path, dict(channels=channels, latent_size=size, num_classes=num_classes, source="test"),
-                 chunk_bytes="1KB")  # fmt: skip
-    return path
-
-
-def datamodule(path, world=1, batch=8, **kw):
-    args = dict(channels=2, latent_size=4, num_classes=10, global_batch_size=batch * world, num_workers=0,
-                scale_factor=1.0, flip=False)  # fmt: skip
-    dm = LatentDataModule(path, **(args | kw))
-    dm.trainer = SimpleNamespace(world_size=world, local_rank=0, training=True)
-    dm.setup("fit")
-    return dm
+from dit.data.datamodule import REUSE_BLOCKS, CollateRecords, sample_latents
 
 
 def record_ids(batch):
     return batch["posterior"][:, 0, 0, 0, 0, 0].long().tolist()
-
-
-def test_epoch_is_shuffled_fixed_shape_and_complete(tmp_path):
-    dm = datamodule(numbered_shards(tmp_path / "s"), batch=8)
-    batches = list(dm.train_dataloader())
-    assert all(b["posterior"].shape == (8, 2, 2, 2, 4, 4) and b["posterior"].dtype == torch.float16 for b in batches)
-    ids = [i for b in batches for i in record_ids(b)]
-    assert sorted(ids) == list(range(64)) and ids != list(range(64))
-    assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
 
 
 def _rank_ids(rank, path, out):
@@ -56,6 +27,15 @@ def _rank_ids(rank, path, out):
         (out / f"rank{rank}.json").write_text(json.dumps(ids))
     finally:
         dist.destroy_process_group()
+
+
+def test_epoch_is_shuffled_fixed_shape_and_complete(tmp_path):
+    dm = datamodule(numbered_shards(tmp_path / "s"), batch=8)
+    batches = list(dm.train_dataloader())
+    assert all(b["posterior"].shape == (8, 2, 2, 2, 4, 4) and b["posterior"].dtype == torch.float16 for b in batches)
+    ids = [i for b in batches for i in record_ids(b)]
+    assert sorted(ids) == list(range(64)) and ids != list(range(64))
+    assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
 
 
 def test_two_ranks_see_disjoint_parts(tmp_path):
@@ -129,16 +109,6 @@ def test_label_beyond_num_classes(tmp_path):
         list(datamodule(path).train_dataloader())
 
 
-def test_posterior_view_decodes_litdatas_bytes_without_a_copy():
-    from litdata.streaming.serializers import NumpySerializer
-
-    posterior = np.arange(2 * 2 * 3 * 4 * 4, dtype=np.float16).reshape(2, 2, 3, 4, 4)
-    data, _ = NumpySerializer().serialize(posterior)
-    view = PosteriorView().deserialize(memoryview(data))
-    assert view.dtype == np.float16 and np.array_equal(view, posterior)
-    assert np.shares_memory(view, np.frombuffer(data, np.uint8)) and not view.flags.writeable
-
-
 def test_collate_stacks_records_and_names_a_bad_one():
     collate = CollateRecords(num_classes=10, channels=2, latent_size=4)
     posteriors = np.random.default_rng(0).standard_normal((5, 2, 2, 2, 4, 4)).astype(np.float16)
@@ -162,8 +132,9 @@ def test_worker_batches_equal_litdatas_own_decoding_and_collate(digits_dir):
     from litdata import StreamingDataLoader, StreamingDataset
 
     strategy = torch.multiprocessing.get_sharing_strategy()
-    loader = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128, num_workers=2,
-                        seed=3).train_dataloader()  # fmt: skip
+    loader = datamodule(
+        digits_dir, channels=1, latent_size=8, num_classes=10, batch=128, num_workers=2, seed=3
+    ).train_dataloader()
     kept = list(loader)
     held = []
     for batch in loader:
@@ -202,54 +173,3 @@ def test_spawned_workers_fill_the_pool(tmp_path):
     assert sorted(i for b in batches for i in record_ids(b)) == list(range(64))
     assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
     assert not any(b["posterior"].is_shared() for b in batches)  # every batch came through the pool
-
-
-def test_digits_shards(digits_dir):
-    dm = datamodule(digits_dir, channels=1, latent_size=8, num_classes=10, batch=128)
-    batch = next(iter(dm.train_dataloader()))
-    x, y = dm.on_after_batch_transfer(batch, 0)
-    assert x.shape == (128, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and y.max() <= 9
-    assert json.loads((digits_dir / "meta.json").read_text())["num_samples"] == 1797
-
-
-def test_a_damaged_shard_folder_names_the_file(tmp_path):
-    """A folder of random files, a corrupt index.json or meta.json, a changed byte in a chunk's
-    header or offsets: each is named, not a JSONDecodeError or litdata's struct.error."""
-    (tmp_path / "random").mkdir()
-    (tmp_path / "random" / "a.bin").write_bytes(os.urandom(100))
-    with pytest.raises(FileNotFoundError, match="holds no meta.json: point data.path at a folder of latent shards"):
-        datamodule(tmp_path / "random")
-    path = numbered_shards(tmp_path / "s", n=64)
-    index, meta = (path / "index.json").read_text(), (path / "meta.json").read_text()
-    (path / "index.json").write_text(index[: len(index) // 2])
-    with pytest.raises(ValueError, match=r"index.json is corrupt \(.*\); restore it or write the shards again"):
-        datamodule(path)
-    (path / "index.json").write_text(index)
-    (path / "meta.json").write_text("{}")
-    with pytest.raises(ValueError, match="meta.json lacks channels, latent_size, num_classes"):
-        datamodule(path)
-    # as shards that record no CRC-32s (or stream from a bucket): decoding is where a bad header shows
-    (path / "meta.json").write_text(json.dumps({k: v for k, v in json.loads(meta).items() if k != "chunk_crc32"}))
-    chunk = path / json.loads(index)["chunks"][1]["filename"]
-    data = bytearray(chunk.read_bytes())
-    data[6] ^= 0xFF  # inside the chunk's table of record offsets
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"shard {chunk} cannot be decoded \(.*\); it is corrupt"):
-        list(datamodule(path).train_dataloader())
-
-
-def test_a_changed_byte_inside_a_record_fails_the_chunks_crc(tmp_path):
-    """A flip in a latent's bytes decodes fine and would train on a wrong latent: the CRC-32 that
-    write_shards records in meta.json catches it before training, once a chunk is changed."""
-    path = numbered_shards(tmp_path / "s", n=64)
-    datamodule(path)  # checks every chunk, and remembers that they passed
-    assert (
-        json.loads((path / ".checked.json").read_text()).keys()
-        == json.loads((path / "meta.json").read_text())["chunk_crc32"].keys()
-    )
-    chunk = path / json.loads((path / "index.json").read_text())["chunks"][2]["filename"]
-    data = bytearray(chunk.read_bytes())
-    data[-3] ^= 0x01  # the last record's posterior
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"shard {chunk} is corrupt: it fails its CRC-32 check"):
-        datamodule(path)

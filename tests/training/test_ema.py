@@ -12,6 +12,19 @@ def net():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
 
 
+class Regression(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch, batch_idx):
+        x = torch.full((4, 3), float(batch_idx + 1))
+        return self.layer(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 @pytest.mark.parametrize("use_buffers", [False, True])
 def test_same_average_as_torch(use_buffers):
     torch.manual_seed(0)
@@ -44,19 +57,6 @@ def test_update_never_reads_the_device():
     assert ours.n_averaged.device.type == "cpu" and ours.n_averaged.item() == 2
 
 
-class Regression(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch, batch_idx):
-        x = torch.full((4, 3), float(batch_idx + 1))
-        return self.layer(x).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def test_callback_keeps_the_ema_of_every_step(tmp_path):
     """Under a Trainer: the first update copies the weights, each later one moves the average by
     (1 - decay) towards them; at the end of fit the model holds the average (WeightAveraging)."""
@@ -69,9 +69,16 @@ def test_callback_keeps_the_ema_of_every_step(tmp_path):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     ema = Watch(multi_avg_fn=EMAUpdate(decay))
-    trainer = Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[ema], default_root_dir=tmp_path)  # fmt: skip
+    trainer = Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ema],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=[0] * 5)
     expected = weights[0]
     for w in weights[1:]:

@@ -6,28 +6,33 @@ import os
 import pickle
 from multiprocessing.reduction import ForkingPickler
 
-os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla starts its runtime
-# Compile without LLVM's optimisation passes: the same graphs (and counts), compiled in about half the
-# time, which is most of these tests' time; a one-job run took 25.5 s, 17.5 s with this (2 CPU cores).
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-
 import pytest
 import torch
+import torch_xla.debug.metrics as metrics  # noqa: E402
 import train
+from conftest import QUICK, compose_cfg, run_train
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
-from test_training import QUICK, compose_cfg, run_train
 
 from dit.diffusion import create_diffusion, guided
 from dit.models import DiT
 from dit.tools.export import backbone_weights
 
+os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla starts its runtime
+
+
+# Compile without LLVM's optimisation passes: the same graphs (and counts), compiled in about half the
+# time, which is most of these tests' time; a one-job run took 25.5 s, 17.5 s with this (2 CPU cores).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
+
 xla = pytest.importorskip("torch_xla")
-import torch_xla.debug.metrics as metrics  # noqa: E402
+
 
 # Start the runtime at collection, before the session's first backward pass (a CPU test's) sizes
 # autograd's per-device queues: started later, XLA's backward fails an internal assert.
 DEVICE = xla.device()
+
 
 SMALL = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "data.global_batch_size=32"]
 
@@ -52,18 +57,33 @@ class CompileCounter(Callback):
             self.live = {k: v.cpu() for k, v in pl_module.model.state_dict().items()}
 
 
+class HandedOver(Exception):
+    pass
+
+
 def test_training_under_xla_compiles_a_fixed_set_of_graphs(tmp_path, digits_dir):
     counter = CompileCounter()
     cfg = compose_cfg(
-        ["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *SMALL, "trainer=xla_cpu", "trainer.max_steps=15",
-         "trainer.log_every_n_steps=3", "trainer.limit_val_batches=0", "~callbacks.digits_accuracy",
-         "module.optimizer.lr=3e-3"],
+        [
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            *QUICK,
+            *SMALL,
+            "trainer=xla_cpu",
+            "trainer.max_steps=15",
+            "trainer.log_every_n_steps=3",
+            "trainer.limit_val_batches=0",
+            "~callbacks.digits_accuracy",
+            "module.optimizer.lr=3e-3",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     callbacks = [counter]
     original = train.instantiate
     # The counter joins the run's own callbacks (train.main builds the Trainer from the config).
-    train.instantiate = lambda c, **kw: original(c, **{**kw, "callbacks": kw["callbacks"] + callbacks}) if "callbacks" in kw else original(c, **kw)  # fmt: skip
+    train.instantiate = lambda c, **kw: (
+        original(c, **{**kw, "callbacks": kw["callbacks"] + callbacks}) if "callbacks" in kw else original(c, **kw)
+    )
     try:
         train.main(cfg)
     finally:
@@ -110,7 +130,9 @@ def test_guided_sampling_under_xla_matches_the_cpu(tmp_path):
     compiled, reads = {}, {}
     for steps in (10, 20):
         before, read_before = count(), count("TransferFromDeviceTime")
-        create_diffusion(str(steps)).p_sample_loop(guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device))).cpu()  # fmt: skip
+        create_diffusion(str(steps)).p_sample_loop(
+            guided(on_xla, 4.0), z.shape, z.to(device), model_kwargs=dict(y=y.to(device))
+        ).cpu()
         compiled[steps], reads[steps] = count() - before, count("TransferFromDeviceTime") - read_before
     assert compiled[10] == compiled[20] <= 3 and reads[10] == reads[20] == 1, (compiled, reads)
 
@@ -119,11 +141,23 @@ def test_multirun_of_two_jobs_on_the_xla_preset(tmp_path, digits_dir):
     # One step and a 2-step sampler per job: each graph compiles once, in the first job (most of the
     # time is starting torch_xla and compiling); the second job, in the same process, reuses them.
     result = run_train(
-        ["-m", "experiment=quickstart", f"data.path={digits_dir}", *SMALL, "trainer=xla_cpu", "logger=csv",
-         "trainer.max_steps=1", "trainer.val_check_interval=1", "sampler.steps='2'", "data.samples_per_class=1",
-         "~callbacks.digits_accuracy", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [
+            "-m",
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            *SMALL,
+            "trainer=xla_cpu",
+            "logger=csv",
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            "sampler.steps='2'",
+            "data.samples_per_class=1",
+            "~callbacks.digits_accuracy",
+            "seed=0,1",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "samples" / "step_0000001.png").exists()  # a sample grid drawn under XLA
@@ -175,10 +209,6 @@ def test_pod_preset_puts_the_run_on_a_shared_folder_and_keeps_tpu_v3(tmp_path):
     assert {k: v for k, v in pod.data.items() if k != "cache_dir"} == dict(tpu.data.items())
 
 
-class HandedOver(Exception):
-    pass
-
-
 def test_the_run_pickles_for_the_xla_launchers_worker_processes(tmp_path, digits_dir, monkeypatch):
     """On a TPU host torch_xla starts one worker process per chip (a v3-8: 4, each running its chip's
     2 cores in threads) and sends it the trainer, module and data by pickling them: what the preset
@@ -195,10 +225,17 @@ def test_the_run_pickles_for_the_xla_launchers_worker_processes(tmp_path, digits
 
     monkeypatch.setattr(xmp, "spawn", spawn)
     cfg = compose_cfg(
-        ["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *SMALL, "trainer=xla_cpu", "trainer.devices=2",
-         "~callbacks.digits_accuracy"],
+        [
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            *QUICK,
+            *SMALL,
+            "trainer=xla_cpu",
+            "trainer.devices=2",
+            "~callbacks.digits_accuracy",
+        ],
         tmp_path,
-    )  # fmt: skip
+    )
     with pytest.raises(HandedOver):
         train.main(cfg)
     fn, (trainer, function, args, kwargs, queue) = received["task"]

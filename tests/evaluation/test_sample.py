@@ -5,13 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import ROOT, one_line_error
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -19,20 +18,48 @@ from dit.data.vae import tiny_vae
 from dit.evaluation.sample import main as sample_main
 from dit.models import DiT
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_sample(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    result = subprocess.run([sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
+def cpu_ddim5(num_samples, batch_size):
+    """dit.sample's arguments for a few samples of 5 DDIM steps on one CPU process."""
+    return [
+        "--num-samples",
+        str(num_samples),
+        "--batch-size",
+        str(batch_size),
+        "sampler=ddim",
+        "sampler.steps=ddim5",
+        "--devices",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
+
+
 def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path):
-    common = [tiny_run, "--num-samples", 7, "--batch-size", 2, "sampler=ddim", "sampler.steps=ddim10", "--guidance-scale", 4,
-              "--accelerator", "cpu", "--seed", 3]  # fmt: skip
+    common = [
+        tiny_run,
+        "--num-samples",
+        7,
+        "--batch-size",
+        2,
+        "sampler=ddim",
+        "sampler.steps=ddim10",
+        "--guidance-scale",
+        4,
+        "--accelerator",
+        "cpu",
+        "--seed",
+        3,
+    ]
     sample_main([str(a) for a in [common[0], tmp_path / "one", *common[1:], "--devices", 1]])  # in this process
     two = run_sample(common[0], tmp_path / "two", *common[1:], "--devices", 2)
     assert "rank 1" in two.stderr  # the second process drew batches too
@@ -52,9 +79,30 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
     model = DiT(input_size=4, in_channels=4, hidden_size=64, depth=2, num_heads=1, patch_size=2, num_classes=5)
     torch.save(model.state_dict(), tmp_path / "export.pt")
     tiny_vae().save_pretrained(tmp_path / "vae")
-    args = [str(tmp_path / "export.pt"), str(tmp_path / "s"), "--num-samples", "5", "--batch-size", "2",
-            "sampler=ddim", "sampler.steps=ddim5", "--vae", str(tmp_path / "vae"), "--classes", "3,1", "--guidance-scale", "1.5",
-            "--guidance", "all_channels", "--num-heads", "1", "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
+    args = [
+        str(tmp_path / "export.pt"),
+        str(tmp_path / "s"),
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+        "sampler=ddim",
+        "sampler.steps=ddim5",
+        "--vae",
+        str(tmp_path / "vae"),
+        "--classes",
+        "3,1",
+        "--guidance-scale",
+        "1.5",
+        "--guidance",
+        "all_channels",
+        "--num-heads",
+        "1",
+        "--devices",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
     sample_main(args)
     first = np.load(tmp_path / "s.npz")["arr_0"]
     assert first.shape == (5, 32, 32, 3) and "arr_0 (5, 32, 32, 3) uint8" in capsys.readouterr().out
@@ -85,12 +133,6 @@ def test_class_grid_notebook(tiny_run, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the grid is shown
 
 
-def cpu_ddim5(num_samples, batch_size):
-    """dit.sample's arguments for a few samples of 5 DDIM steps on one CPU process."""
-    return ["--num-samples", str(num_samples), "--batch-size", str(batch_size), "sampler=ddim", "sampler.steps=ddim5",
-            "--devices", "1", "--accelerator", "cpu"]  # fmt: skip
-
-
 def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, capsys):
     """dit.fid50k = dit.sample then dit.fid on its .npz; against a folder of the same images the
     FID is ~0 and precision/recall are computed (the reference holds images)."""
@@ -98,8 +140,17 @@ def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, ca
 
     common = cpu_ddim5(6, 3)
     sample_main([str(tiny_run), str(tmp_path / "ref"), *common])
-    metrics = fid50k_main([str(tiny_run), str(tmp_path / "s"), "--ref", str(tmp_path / "ref"),
-                           "--inception-weights", str(random_inception), *common])  # fmt: skip
+    metrics = fid50k_main(
+        [
+            str(tiny_run),
+            str(tmp_path / "s"),
+            "--ref",
+            str(tmp_path / "ref"),
+            "--inception-weights",
+            str(random_inception),
+            *common,
+        ]
+    )
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], np.load(tmp_path / "ref.npz")["arr_0"])  # same seed
     assert abs(metrics["fid"]) < 1e-3 and metrics["precision"] == 1 and "inception_score" in metrics
     assert json.loads((tmp_path / "s.json").read_text()) == metrics

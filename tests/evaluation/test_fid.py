@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import write_pngs
 from PIL import Image
 
 from dit.errors import UsageError
@@ -53,12 +54,6 @@ def test_identical_sets_give_zero(n, dim):
     assert frechet_distance(x, statistics(x + 0.5)) == pytest.approx(0.25 * dim, rel=1e-6)  # a shifted mean only
 
 
-def write_pngs(images, folder):
-    folder.mkdir()
-    for i in range(len(images)):
-        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
-
-
 def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception, tmp_path, capsys):
     """An npz of samples vs a folder of the same real images: FID ≈ 0, precision = recall = 1. Then
     other images as PNGs against the saved reference statistics: the FID of features computed directly."""
@@ -68,8 +63,18 @@ def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception,
     write_pngs(real, tmp_path / "real")
     (tmp_path / "real" / "broken.JPEG").write_bytes(b"not an image")  # skipped and named, not fatal
     weights = ["--inception-weights", str(random_inception)]
-    metrics = main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "real"), *weights, "--isc", "--prc",
-                    "--save-ref-stats", str(tmp_path / "ref.npz")])  # fmt: skip
+    metrics = main(
+        [
+            str(tmp_path / "samples.npz"),
+            "--ref",
+            str(tmp_path / "real"),
+            *weights,
+            "--isc",
+            "--prc",
+            "--save-ref-stats",
+            str(tmp_path / "ref.npz"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "1 of 5 files" in out and "broken.JPEG" in out
     assert abs(metrics["fid"]) < 1e-6 and metrics["num_samples"] == 4
@@ -128,8 +133,19 @@ def test_samples_of_mixed_sizes_or_missing_are_refused(random_inception, tmp_pat
     Image.new("RGB", (16, 16)).save(folder / "000001.png")
     for samples, message in [(folder, "the samples have mixed sizes"), (tmp_path / "nowhere.npz", "do not exist")]:
         with pytest.raises(SystemExit) as exited:
-            exit_on_usage_error(lambda: main([str(samples), "--ref", "digits", "--inception-weights", str(random_inception),
-                                              "--batch-size", batch_size]))  # fmt: skip
+            exit_on_usage_error(
+                lambda: main(
+                    [
+                        str(samples),
+                        "--ref",
+                        "digits",
+                        "--inception-weights",
+                        str(random_inception),
+                        "--batch-size",
+                        batch_size,
+                    ]
+                )
+            )
         assert exited.value.code == 2
         one_line_error(capsys.readouterr().err, message)
 

@@ -1,43 +1,24 @@
-"""Training end to end: configs compose and build, fast_dev_run per CPU preset, checkpoints with
+"""train.py end to end: configs compose and build, fast_dev_run per CPU preset, checkpoints with
 EMA and config, export, and real multiruns through `train.py -m`."""
 
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import train
+from conftest import CONF, QUICK, compose_cfg, quick_cfg, run_train
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
 from dit.models import DiT
 from dit.tools.export import backbone_weights
 from dit.tools.export import main as export_main
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-# A few seconds of work for every run below: 5-step sample grids of 2 images per class.
-QUICK = ["sampler.steps='5'", "data.samples_per_class=2"]
+MODELS, PATCHES = ["default", "dit_s", "dit_b", "dit_l", "dit_xl", "tiny"], ["2", "4", "8"]
 
 
-def compose_cfg(overrides, out_dir):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.output_dir = str(out_dir)
-        del cfg.hydra  # as in a real job: the hydra node is reached through HydraConfig
-    return cfg
-
-
-MODELS, PATCHES = ["dit_s", "dit_b", "dit_l", "dit_xl", "tiny"], ["2", "4", "8"]
 CONDITIONINGS, DATA = ["adaln_zero", "adaln", "cross_attn", "in_context"], ["imagenet_256", "imagenet_512", "digits"]
 
 
@@ -53,7 +34,7 @@ def test_every_model_patch_and_conditioning_composes_and_builds(data, tmp_path):
             combo: compose(
                 "train",
                 overrides=[f"model={combo[0]}", f"patch={combo[1]}", f"conditioning={combo[2]}", f"data={data}"],
-            )  # fmt: skip
+            )
             for combo in combos
         }
     for (_, patch, conditioning), cfg in configs.items():
@@ -81,35 +62,6 @@ def test_trainer_presets_compose(preset, tmp_path):
         assert trainer.max_steps == 400_000
 
 
-def test_module_buffers_are_constants_so_ddp_need_not_broadcast_them(tmp_path):
-    """trainer=ddp sets broadcast_buffers: false. That holds only while every buffer of DiTModule
-    (the timestep frequencies, both diffusion schedules) is a constant of its config: the same
-    whatever the seed, and left as it was by training steps with their hooks and callbacks."""
-    from lightning import Trainer
-
-    from dit.tools.benchmark import InMemoryLatents
-    from dit.training.callbacks.ema import EMA
-
-    cfg = compose_cfg(["model=tiny", "data=digits"], tmp_path)
-    modules = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        modules.append(instantiate(cfg.module, _convert_="all"))
-    first, second = (dict(m.named_buffers()) for m in modules)
-    assert {"model.t_embedder.freqs", "diffusion.betas"} <= first.keys() == second.keys()
-    assert not torch.equal(modules[0].model.x_embedder.proj.weight, modules[1].model.x_embedder.proj.weight)
-    before = {name: b.clone() for name, b in first.items()}
-    trainer = Trainer(accelerator="cpu", max_steps=2, callbacks=[EMA()], logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
-    trainer.fit(modules[0], train_dataloaders=InMemoryLatents(2, cfg.model, 2))
-    assert trainer.global_step == 2
-    after = dict(modules[0].named_buffers())  # read again: training may have replaced a buffer
-    assert after.keys() == before.keys()
-    for name, buffer in before.items():
-        assert torch.equal(buffer, second[name]), f"{name} depends on the seed"
-        assert torch.equal(after[name], buffer), f"{name} changed in training"
-
-
 def test_paper_recipe_is_in_the_config(tmp_path):
     cfg = compose_cfg(["experiment=dit_xl2_256"], tmp_path)
     assert (cfg.model.size, cfg.model.patch_size) == ("XL", 2)
@@ -128,10 +80,6 @@ def test_paper_recipe_is_in_the_config(tmp_path):
     }
 
 
-def quick_cfg(tmp_path, digits_dir, *overrides):
-    return compose_cfg(["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *overrides], tmp_path)
-
-
 def test_fast_dev_run_cpu(tmp_path, digits_dir, capsys):
     cfg = quick_cfg(tmp_path, digits_dir, "trainer=cpu", "trainer.fast_dev_run=true", "~callbacks.digits_accuracy")
     train.main(cfg)
@@ -141,9 +89,15 @@ def test_fast_dev_run_cpu(tmp_path, digits_dir, capsys):
 
 def test_training_run_checkpoint_ema_and_export(tmp_path, digits_dir):
     cfg = quick_cfg(
-        tmp_path, digits_dir, "trainer.max_steps=30", "trainer.val_check_interval=15", "trainer.log_every_n_steps=5",
-        "callbacks.checkpoint.every_n_train_steps=15", "callbacks.ema.multi_avg_fn.decay=0.9", "~callbacks.digits_accuracy",
-    )  # fmt: skip
+        tmp_path,
+        digits_dir,
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=15",
+        "trainer.log_every_n_steps=5",
+        "callbacks.checkpoint.every_n_train_steps=15",
+        "callbacks.ema.multi_avg_fn.decay=0.9",
+        "~callbacks.digits_accuracy",
+    )
     train.main(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     # model, EMA, optimizer, step and config
@@ -169,8 +123,14 @@ def test_training_run_checkpoint_ema_and_export(tmp_path, digits_dir):
     model = DiT.from_state_dict(torch.load(out), num_heads=4)
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
     # ...and it starts a new run (init_from), as an official checkpoint would
-    cfg2 = quick_cfg(tmp_path / "again", digits_dir, f"module.init_from={out}", "trainer.max_steps=1",
-                     "logger=none", "~callbacks.digits_accuracy")  # fmt: skip
+    cfg2 = quick_cfg(
+        tmp_path / "again",
+        digits_dir,
+        f"module.init_from={out}",
+        "trainer.max_steps=1",
+        "logger=none",
+        "~callbacks.digits_accuracy",
+    )
     module = instantiate(cfg2.module, _convert_="all")
     assert torch.equal(module.model.state_dict()["pos_embed"], ema["pos_embed"])
     assert torch.equal(module.model.state_dict()["blocks.1.mlp.fc1.weight"], ema["blocks.1.mlp.fc1.weight"])
@@ -196,21 +156,25 @@ def test_wandb_goes_offline_without_an_account(monkeypatch, tmp_path):
     assert not train.wandb_offline()
 
 
-def run_train(args, cwd, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # what a user sees: no HYDRA_FULL_ERROR
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-
-
 def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir):
     """Three jobs through `train.py -m`: each its own folder and offline wandb run (grouped by the
     sweep, named after the model, Gflops in its config); the failing middle one stops nobody."""
     result = run_train(
-        ["-m", "experiment=quickstart", f"data.path={digits_dir}", "logger=wandb", "patch=2,3,4",
-         "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=3", "~callbacks.digits_accuracy", *QUICK,
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [
+            "-m",
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            "logger=wandb",
+            "patch=2,3,4",
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=3",
+            "~callbacks.digits_accuracy",
+            *QUICK,
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode != 0 and "patch size 3 does not divide the latent size 8" in result.stderr
     # ...and the sweep ends by listing the failed job with its overrides
     assert "1 of 3 jobs of the sweep failed:" in result.stderr.split("Traceback")[-1]
@@ -235,11 +199,21 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
 
 def test_multirun_through_submitit_local_launcher(tmp_path, digits_dir):
     result = run_train(
-        ["-m", "launcher=local", "experiment=quickstart", f"data.path={digits_dir}", "logger=csv",
-         "conditioning=adaln_zero,in_context", "trainer.max_steps=2", "trainer.val_check_interval=2",
-         "~callbacks.digits_accuracy", *QUICK, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        [
+            "-m",
+            "launcher=local",
+            "experiment=quickstart",
+            f"data.path={digits_dir}",
+            "logger=csv",
+            "conditioning=adaln_zero,in_context",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "~callbacks.digits_accuracy",
+            *QUICK,
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").exists()
@@ -263,12 +237,25 @@ def test_ddp_multirun_on_cpu(tmp_path, digits_dir):
     from PIL import Image
 
     result = run_train(
-        ["-m", "experiment=quickstart", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.precision=32-true", f"data.path={digits_dir}", "conditioning=adaln_zero,in_context",
-         "trainer.max_steps=3", "trainer.val_check_interval=3", "data.samples_per_class=3", "~callbacks.digits_accuracy",
-         "sampler.steps='5'", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        [
+            "-m",
+            "experiment=quickstart",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            f"data.path={digits_dir}",
+            "conditioning=adaln_zero,in_context",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "data.samples_per_class=3",
+            "~callbacks.digits_accuracy",
+            "sampler.steps='5'",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0", "1"):
         ckpt = torch.load(

@@ -27,25 +27,6 @@ def adm_crop_reference(image, size):
     return arr[y : y + size, x : x + size]
 
 
-def test_center_crop_is_adms():
-    # Hand-checkable: a 4×4 image of constant 2×2 blocks halves (box filter) to exactly its blocks.
-    blocks = np.array([[10, 20], [30, 40]], dtype=np.uint8)
-    image = Image.fromarray(np.kron(blocks, np.ones((2, 2), dtype=np.uint8)))
-    assert np.array_equal(np.array(extract.center_crop_arr(image, 2)), blocks)
-    # A 6-wide, 2-high image at size 2: no resize (short side = 2), the centre columns 2 and 3.
-    wide = np.arange(12, dtype=np.uint8).reshape(2, 6)
-    assert np.array_equal(np.array(extract.center_crop_arr(Image.fromarray(wide), 2)), wide[:, 2:4])
-    # A tiny flat image is enlarged (bicubic keeps a constant), never fails.
-    tiny = extract.center_crop_arr(Image.new("RGB", (3, 5), (7, 99, 200)), 8)
-    assert tiny.size == (8, 8) and (np.array(tiny) == [7, 99, 200]).all()
-    # Known photos' shapes (ImageNet's 500×375 and others, odd sides) against the reference.
-    rng = np.random.default_rng(0)
-    for w, h, size in [(500, 375, 256), (375, 500, 256), (1024, 683, 512), (301, 97, 32), (65, 64, 32), (17, 31, 32)]:
-        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        ours = np.array(extract.center_crop_arr(image, size))
-        assert ours.shape == (size, size, 3) and np.array_equal(ours, adm_crop_reference(image, size)), (w, h)
-
-
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     """Three classes (created out of order), JPEGs of various shapes, a grayscale and a CMYK JPEG,
@@ -75,8 +56,23 @@ def vae_dir(tmp_path_factory):
 
 
 def run_extract(image_dir, out, vae_dir, *extra):
-    extract.main([str(image_dir), str(out), "--resolution", str(RESOLUTION), "--vae", str(vae_dir),
-                  "--batch-size", "2", "--part-size", "3", "--num-workers", "0", *extra])  # fmt: skip
+    extract.main(
+        [
+            str(image_dir),
+            str(out),
+            "--resolution",
+            str(RESOLUTION),
+            "--vae",
+            str(vae_dir),
+            "--batch-size",
+            "2",
+            "--part-size",
+            "3",
+            "--num-workers",
+            "0",
+            *extra,
+        ]
+    )
 
 
 def read_records(folder):
@@ -93,6 +89,25 @@ def extracted(image_dir, vae_dir, tmp_path_factory):
     return out
 
 
+def test_center_crop_is_adms():
+    # Hand-checkable: a 4×4 image of constant 2×2 blocks halves (box filter) to exactly its blocks.
+    blocks = np.array([[10, 20], [30, 40]], dtype=np.uint8)
+    image = Image.fromarray(np.kron(blocks, np.ones((2, 2), dtype=np.uint8)))
+    assert np.array_equal(np.array(extract.center_crop_arr(image, 2)), blocks)
+    # A 6-wide, 2-high image at size 2: no resize (short side = 2), the centre columns 2 and 3.
+    wide = np.arange(12, dtype=np.uint8).reshape(2, 6)
+    assert np.array_equal(np.array(extract.center_crop_arr(Image.fromarray(wide), 2)), wide[:, 2:4])
+    # A tiny flat image is enlarged (bicubic keeps a constant), never fails.
+    tiny = extract.center_crop_arr(Image.new("RGB", (3, 5), (7, 99, 200)), 8)
+    assert tiny.size == (8, 8) and (np.array(tiny) == [7, 99, 200]).all()
+    # Known photos' shapes (ImageNet's 500×375 and others, odd sides) against the reference.
+    rng = np.random.default_rng(0)
+    for w, h, size in [(500, 375, 256), (375, 500, 256), (1024, 683, 512), (301, 97, 32), (65, 64, 32), (17, 31, 32)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ours = np.array(extract.center_crop_arr(image, size))
+        assert ours.shape == (size, size, 3) and np.array_equal(ours, adm_crop_reference(image, size)), (w, h)
+
+
 def test_extraction_end_to_end(image_dir, vae_dir, extracted, capsys):
     meta = json.loads((extracted / "meta.json").read_text())
     skipped = sorted(p.split("/train/")[1] for p in meta["skipped"])
@@ -102,8 +117,20 @@ def test_extraction_end_to_end(image_dir, vae_dir, extracted, capsys):
     check_shards(extracted)  # one index.json naming whole chunk files
     records = read_records(extracted)
     # ImageFolder order: classes sorted, files sorted within a class (sub-folders walked in order).
-    names = ["n01/gray", "n01/img0", "n01/img1", "n01/img2", "n02/cmyk", "n02/img0", "n02/img1", "n02/img2",
-             "n02/tiny", "n03/img1", "n03/img2", "n03/deeper/palette"]  # fmt: skip
+    names = [
+        "n01/gray",
+        "n01/img0",
+        "n01/img1",
+        "n01/img2",
+        "n02/cmyk",
+        "n02/img0",
+        "n02/img1",
+        "n02/img2",
+        "n02/tiny",
+        "n03/img1",
+        "n03/img2",
+        "n03/deeper/palette",
+    ]
     assert [r["label"] for r in records] == [int(n[2]) - 1 for n in names]
     # The records hold the fp16 posterior of the cropped image and of its mirror image.
     vae = tiny_vae()
@@ -162,7 +189,7 @@ def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extr
 
 
 def test_bf16_posterior_stays_close_to_fp32():
-    """The error `--precision bf16` brings, measured on the random VAE (the real weights cannot be
+    """The error `--precision bf16-true` brings, measured on the random VAE (the real weights cannot be
     fetched here): the mean moves by ~1.2% of its RMS (RMS of the error; ≤ 7% at worst over elements),
     the std by ≤ 1% relative. Tolerances: 3% and 15%, 2% for the std."""
     vae = tiny_vae()

@@ -173,3 +173,12 @@ def test_spawned_workers_fill_the_pool(tmp_path):
     assert sorted(i for b in batches for i in record_ids(b)) == list(range(64))
     assert all(b["label"].tolist() == [i % 10 for i in record_ids(b)] for b in batches)
     assert not any(b["posterior"].is_shared() for b in batches)  # every batch came through the pool
+
+
+def test_the_bundled_digits_are_written_on_first_use(tmp_path):
+    """data.prepare=digits (the quickstart's data): prepare_data writes the shards where data.path says."""
+    from dit.data.datamodule import LatentDataModule
+
+    dm = LatentDataModule(tmp_path / "digits", channels=1, latent_size=8, num_classes=10, prepare="digits")
+    dm.prepare_data()
+    assert (tmp_path / "digits" / "meta.json").exists() and (tmp_path / "digits" / "index.json").exists()

@@ -67,7 +67,7 @@ class LatentDataModule(LightningDataModule):
         if prepare and not (Path(self.path) / META_FILE).exists():
             if prepare != "digits":
                 raise UsageError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")
-            from dit.digits import prepare_digits
+            from dit.data.digits import prepare_digits
 
             prepare_digits(self.path)
 

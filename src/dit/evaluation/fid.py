@@ -66,7 +66,7 @@ def inception(weights: str | None = None, device: torch.device | str = "cpu"):
 def random_inception(path, seed=0):
     """Save torch-fidelity's own Inception-v3, randomly initialised, as a weights file for `inception`:
     the same class and code path as the real weights, for tests and offline checks (as
-    dit.vae.tiny_vae). Conv weights are drawn with He init, which keeps the activations alive through
+    dit.data.vae.tiny_vae). Conv weights are drawn with He init, which keeps the activations alive through
     the 90-odd layers (PyTorch's default init shrinks them to ~1e-8: every image would give the same
     features)."""
     from torch import nn
@@ -254,7 +254,7 @@ def samples_manifest(path):
 
 def digit_images():
     """scikit-learn's 1,797 real 8×8 digits as uint8 images, mapped to [-1, 1] as the quickstart's
-    shards (dit.data.digits) and back to bytes as the samples are (dit.vae.to_uint8)."""
+    shards (dit.data.digits) and back to bytes as the samples are (dit.data.vae.to_uint8)."""
     from sklearn.datasets import load_digits
 
     from dit.data.vae import to_uint8

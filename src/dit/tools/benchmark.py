@@ -6,7 +6,7 @@
     python -m dit.benchmark --model DiT-S/8 --image-size 64 --batch-size 4 --steps 3 --time-sampler sampler.steps=5   # CPU
 
 The training step is the one train.py runs — DiTModule (hybrid loss, AdamW, EMA through Lightning's
-dit.ema.EMA, the NaN guard) under a Lightning Trainer — fed in-memory latents, so the loader is
+dit.training.callbacks.ema.EMA, the non-finite guard) under a Lightning Trainer — fed in-memory latents, so the loader is
 not measured here (`benchmarks/loader.py` measures it); the timed steps hold no logging step (one
 in 100 in training, with one device sync). Model FLOPs count 2 per multiply-add; a training step
 costs 3× the forward pass (backward ≈ 2×), as in PaLM's MFU (Chowdhery et al. 2022, App. B) and

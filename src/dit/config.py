@@ -61,6 +61,18 @@ def build(node: dict, what: str):
         raise UsageError(f"{what}: {str(cause).splitlines()[0]}") from None
 
 
-def sampler_from(overrides: list[str]):
-    """The sampler that `sampler=... sampler.KEY=...` overrides (default: conf/sampler/ddpm.yaml) name."""
-    return build(compose_groups(overrides, {"sampler": "ddpm"})["sampler"], "sampler")
+def sampler_from(overrides: list[str], default: str = "ddpm"):
+    """The sampler that `sampler=... sampler.KEY=...` overrides name (without `sampler=NAME`:
+    conf/sampler/<default>.yaml)."""
+    return build(compose_groups(overrides, {"sampler": default})["sampler"], "sampler")
+
+
+def process_options(config: dict | None) -> dict:
+    """What a sampler needs to know of the process a run trained on (DiTModule.diffusion_options),
+    from the run's config as checkpoints and exports record it: its objective's `process_options`
+    of `module.diffusion`. A config without an objective is the paper's (Hybrid)."""
+    from dit.diffusion.objectives import Hybrid
+
+    module = (config or {}).get("module") or {}
+    objective = build(module["objective"], "module.objective") if module.get("objective") else Hybrid()
+    return objective.process_options(module.get("diffusion") or {})

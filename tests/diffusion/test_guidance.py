@@ -69,3 +69,53 @@ def test_guidance_needs_a_null_class():
         guided(tiny_dit(class_dropout_prob=0.0), 4.0)
     with pytest.raises(ValueError, match="unknown guidance variant 'first3'"):
         guided(tiny_dit(), 4.0, "first3")
+
+
+def test_official_guidance_never_extrapolates_the_variance_of_data_with_fewer_channels():
+    """On 1-channel digits the official variant guides ε (channel 0) only; the learned variance
+    (channel 1) is the conditional pass's, as on 4-channel latents."""
+    model = tiny_dit(in_channels=1)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([2, 3])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
+        out = guided(model, 3.0, "official")(x, t, y)
+    torch.testing.assert_close(out[:, :1], uncond[:, :1] + 3.0 * (cond[:, :1] - uncond[:, :1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 1:], cond[:, 1:])
+
+
+def test_guidance_interval_guides_only_the_steps_inside_it():
+    """10 DDPM steps of the 1000, kept at original indices space_timesteps(1000, "10"); each step's
+    time is index/1000, and only those in [0, 0.5] run the doubled batch. Guiding everywhere equals
+    the plain guided model; an interval that holds no step equals no guidance."""
+    from dit.diffusion import DDPM, Guidance
+
+    model = tiny_dit()
+    y = torch.tensor([1, 5, 9])
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sampler = DDPM(steps="10")
+
+    def run(guide):
+        out = sampler.sample(guide, noise, dict(learn_sigma=True), dict(y=y), torch.Generator().manual_seed(1))
+        return out, (sampler.nfe, sampler.guided_nfe)
+
+    inside = sum(k / 1000 <= 0.5 for k in space_timesteps(1000, "10"))
+    assert 0 < inside < 10
+    half, counts = run(Guidance(model, 4.0, "official", (0.0, 0.5)))
+    assert counts == (10, inside)
+    everywhere, counts = run(Guidance(model, 4.0, "official", (0.0, 1.0)))
+    assert counts == (10, 10)
+    plain, _ = run(guided(model, 4.0))
+    torch.testing.assert_close(everywhere, plain, rtol=0, atol=0)
+    nowhere, counts = run(Guidance(model, 4.0, "official", (0.9995, 1.0)))
+    unguided, _ = run(model)
+    assert counts == (10, 0)
+    torch.testing.assert_close(nowhere, unguided, rtol=0, atol=0)
+    assert not torch.allclose(half, plain) and not torch.allclose(half, unguided)
+
+
+def test_a_bad_guidance_interval_is_one_line():
+    from dit.diffusion import Guidance
+
+    for bad in ((0.7, 0.2), (-0.1, 0.5), (0.0, 1.5)):
+        with pytest.raises(ValueError, match="guidance interval .* 0 <= low <= high <= 1"):
+            Guidance(tiny_dit(), 2.0, "official", bad)

@@ -167,6 +167,8 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
         timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else torch.as_tensor(timestep_map)
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
+        # The base schedule's length, for the time t/T of a kept step (create_diffusion sets it exactly).
+        self.original_num_steps = int(timestep_map.max()) + 1
 
     def on_device(self, device):
         """Move the schedule to the data's device once (a no-op afterwards)."""
@@ -353,4 +355,6 @@ def create_diffusion(
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return GaussianDiffusion(1 - alphas_cumprod / previous, kept, learn_sigma, sigma_small, predict_xstart)
+    diffusion = GaussianDiffusion(1 - alphas_cumprod / previous, kept, learn_sigma, sigma_small, predict_xstart)
+    diffusion.original_num_steps = diffusion_steps
+    return diffusion

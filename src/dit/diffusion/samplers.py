@@ -10,6 +10,10 @@ monitor, `python -m dit.sample`, the digits check, the benchmark) draws through
     python train.py sampler=ddim sampler.steps=ddim25           # conf/sampler/ddim.yaml
     python -m dit.sample ckpt.pt out sampler=ddpm sampler.steps=100
 
+Flow-matching models (objective=flow) are drawn by the ODE and SDE samplers of flow_samplers.py.
+After each call a sampler holds `nfe`, the network evaluations per sample it made (`guided_nfe` of
+them with guidance, each a forward of the doubled batch).
+
 A new sampler is a subclass that defines `step` (and a YAML file): docs/extending.md.
 """
 
@@ -18,7 +22,10 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from dit.diffusion.flow import is_flow
+from dit.diffusion.guidance import as_guidance
 from dit.diffusion.process import GaussianDiffusion, create_diffusion
+from dit.errors import UsageError
 from dit.platform.xla_ops import end_step
 
 
@@ -34,9 +41,25 @@ class Sampler:
         self.steps = str(steps)
         self.clip_denoised = clip_denoised
         self._processes = {}
+        self._counts = (0, 0)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample of the last call (a guided one is one batched forward of 2)."""
+        return self._counts[0]
+
+    @property
+    def guided_nfe(self) -> int:
+        """How many of `nfe` were guided (outside a guidance interval the unconditional pass is skipped)."""
+        return self._counts[1]
 
     def process(self, diffusion_options: dict) -> GaussianDiffusion:
         """The training diffusion (`create_diffusion`'s keywords) respaced to `steps`, built once."""
+        if is_flow(diffusion_options):
+            raise UsageError(
+                f"sampler {type(self).__name__} steps the Gaussian diffusion, but this model was trained by flow "
+                f"matching ({diffusion_options['path']} path); use sampler=euler, heun, dopri5 or sde"
+            )
         key = tuple(sorted((k, v) for k, v in diffusion_options.items() if k != "timestep_respacing"))
         if key not in self._processes:
             self._processes[key] = create_diffusion(self.steps, **dict(key))
@@ -63,19 +86,23 @@ class Sampler:
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """x_0 from x_T = `noise` with `model` (x, t, **model_kwargs) -> output."""
+        """x_0 from x_T = `noise` with `model`: (x, t, **model_kwargs) -> output, or a `Guidance`."""
         return self.loop(self.process(diffusion_options), model, noise, model_kwargs, generator, progress)
 
     def loop(self, process, model, x, model_kwargs=None, generator=None, progress=False):
+        guidance = as_guidance(model)
+        # The time of each kept step, for a guidance interval: its original index / the original step count.
+        times = (process.timestep_map.double() / process.original_num_steps).tolist()
         process.on_device(x.device)
         # t is a device tensor stepped down in place of a fresh host value per step, so every step
         # runs the same graph (torch.compile, XLA) with no host-to-device copy.
         t = torch.full((x.shape[0],), process.num_timesteps - 1, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            for _ in tqdm(range(process.num_timesteps), disable=not progress, desc="sampling"):
-                x = self.step(process, model, x, t, model_kwargs or {}, generator)
+            for i in tqdm(reversed(range(process.num_timesteps)), total=process.num_timesteps, disable=not progress):
+                x = self.step(process, guidance.at(times[i]), x, t, model_kwargs or {}, generator)
                 t = t - 1
                 end_step(x)
+        self._counts = (guidance.nfe, guidance.guided_nfe)
         return x
 
     @staticmethod

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from dit.diffusion.guidance import guided
+from dit.diffusion.flow import is_flow
+from dit.diffusion.guidance import Guidance
 from dit.diffusion.samplers import Sampler
 
 
@@ -40,18 +41,23 @@ def draw(
     labels: torch.Tensor,
     generator: torch.Generator,
     guidance_scale: float = 1.0,
-    guidance: str = "official",
+    guidance: str = "auto",
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
     progress: bool = False,
 ) -> torch.Tensor:
     """Latents (N, C, I, I) of class `labels` from `model` (a DiT), with classifier-free guidance at
-    `guidance_scale` (1: none), drawn by `sampler` from noise of `generator`.
+    `guidance_scale` (1: none) for the times in `guidance_interval` (0 the data, 1 the noise),
+    drawn by `sampler` from noise of `generator`. Afterwards `sampler.nfe` holds the function
+    evaluations per sample.
 
-    `diffusion_options` are the keywords of the diffusion the model was trained with
-    (DiTModule.diffusion_options; a checkpoint's `module.diffusion`)."""
+    `guidance` is the variant: "auto" is "official" (the first 3 channels) on the Gaussian
+    diffusion and "all_channels" on a flow. `diffusion_options` are the options of the process the
+    model was trained with (DiTModule.diffusion_options; `process_options` of a checkpoint)."""
+    if guidance == "auto":
+        guidance = "all_channels" if is_flow(diffusion_options) else "official"
     device = next(model.parameters()).device
     shape = (len(labels), model.in_channels, model.input_size, model.input_size)
     noise = torch.randn(shape, generator=generator, device=generator.device).to(device)
     model_kwargs = dict(y=labels.to(device))
-    return sampler.sample(
-        guided(model, guidance_scale, guidance), noise, diffusion_options, model_kwargs, generator, progress
-    )
+    guided = Guidance(model, guidance_scale, guidance, guidance_interval)
+    return sampler.sample(guided, noise, diffusion_options, model_kwargs, generator, progress)

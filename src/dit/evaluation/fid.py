@@ -366,7 +366,10 @@ def main(argv=None):
     drawn = samples_manifest(args.samples)
     if drawn is not None:  # the figures say what they are of
         metrics["samples"] = dict(
-            drawn["identity"], checkpoint=drawn["source"]["checkpoint"], step=drawn["source"]["step"]
+            drawn["identity"],
+            checkpoint=drawn["source"]["checkpoint"],
+            step=drawn["source"]["step"],
+            nfe=drawn.get("nfe"),
         )
     print(json.dumps(metrics))
     return metrics

@@ -33,8 +33,8 @@ class FIDMonitor(Callback):
         num_samples: samples per measurement, spread over all devices.
         inception_weights: a local copy of torch-fidelity's Inception weights (None: download).
         sampler: a `dit.diffusion.Sampler` (conf: the run's `sampler`, the paper's 250 DDPM steps).
-        guidance_scale, guidance: classifier-free guidance; the default is the paper's FID
-            protocol for its scaling results (no guidance, Table 4).
+        guidance_scale, guidance, guidance_interval: classifier-free guidance; the default is the
+            paper's FID protocol for its scaling results (no guidance, Table 4).
         vae: the VAE that decodes latents ("mse", the paper's Table 4 decoder; "ema"; or a folder).
             Not used for pixel data (1 or 3 channels, such as the digits).
         batch_size: samples drawn (and Inception images) per device at a time.
@@ -51,7 +51,8 @@ class FIDMonitor(Callback):
         num_samples=5000,
         inception_weights=None,
         guidance_scale=1.0,
-        guidance="official",
+        guidance="auto",
+        guidance_interval=(0.0, 1.0),
         vae="mse",
         batch_size=64,
         seed=0,
@@ -63,6 +64,7 @@ class FIDMonitor(Callback):
         self.sampler = sampler
         self.guidance_scale = guidance_scale
         self.guidance = guidance
+        self.guidance_interval = tuple(guidance_interval)
         self.vae_name = vae
         self.batch_size = batch_size
         self.seed = seed
@@ -125,6 +127,7 @@ class FIDMonitor(Callback):
                 batch_generator(self.seed, k, device),
                 self.guidance_scale,
                 self.guidance,
+                self.guidance_interval,
             )
             feats = features(self.extractor, UInt8Images(to_uint8(self.decoder(z))), self.batch_size)[POOL].to(device)
             pad = self.batch_size - len(index)

@@ -1,7 +1,8 @@
-"""The DiT backbone (dit.py), its Gflops (flops.py). `from dit.models import DiT_models, DiT` as
-in the official code."""
+"""The DiT backbone (dit.py) with its block options (BLOCK_DEFAULTS), its Gflops (flops.py).
+`from dit.models import DiT_models, DiT` as in the official code."""
 
 from dit.models.dit import (
+    BLOCK_DEFAULTS,
     CONDITIONINGS,
     SIZES,
     DiT,
@@ -13,6 +14,7 @@ from dit.models.dit import (
 )
 
 __all__ = [
+    "BLOCK_DEFAULTS",
     "CONDITIONINGS",
     "SIZES",
     "DiT",

@@ -6,6 +6,10 @@ classifier-free guidance not doubled, the VAE excluded. Hardware FLOPs are twice
 
     python -m dit.flops                    # the 12 configs of Table 4 + the conditioning ablation
     python -m dit.flops --image-size 512   # the same at 512px (64×64 latents)
+    python -m dit.flops --blocks           # DiT-XL/2 with each block option of LightningDiT, then all four
+
+The counter sees matmuls, convolutions and attention, not elementwise work: norms, activations
+and RoPE's rotation (O(T·D) per block, against the matmuls' O(T·D²)) count 0, as in the paper's totals.
 """
 
 from __future__ import annotations
@@ -52,17 +56,52 @@ def describe(model: torch.nn.Module) -> dict:
     )
 
 
-def measure(name, conditioning="adaln_zero", image_size=256):
-    """(Gflops, parameters, tokens) of one of the paper's configs."""
+def measure(name: str, conditioning: str = "adaln_zero", image_size: int = 256, **block_options) -> tuple:
+    """(Gflops, parameters, tokens) of one of the paper's configs, with any block options of DiT
+    (rope=, mlp=, norm=, qk_norm=)."""
     with torch.device("meta"):
-        d = describe(DiT_models[name](input_size=image_size // 8, conditioning=conditioning))
+        d = describe(DiT_models[name](input_size=image_size // 8, conditioning=conditioning, **block_options))
     return d["gflops"], d["params"], d["tokens"]
+
+
+# The rows of `--blocks`: the paper's block, each LightningDiT option alone, all four, and
+# LightningDiT's released choice (conf/blocks/lightningdit.yaml: no qk_norm).
+BLOCK_ROWS = {
+    "paper block (DiT)": {},
+    "+rope": dict(rope=True),
+    "+swiglu": dict(mlp="swiglu"),
+    "+rmsnorm": dict(norm="rmsnorm"),
+    "+qk_norm": dict(qk_norm=True),
+    "all four": dict(rope=True, mlp="swiglu", norm="rmsnorm", qk_norm=True),
+    "LightningDiT (rope, swiglu, rmsnorm)": dict(rope=True, mlp="swiglu", norm="rmsnorm"),
+}
+
+
+def print_blocks_table(name: str = "DiT-XL/2", image_size: int = 256) -> None:
+    """Gflops and parameters of `name` with each block option (BLOCK_ROWS), and the change from the paper's block."""
+    print(
+        f"{name} at {image_size}px, adaln_zero, by block option. Gflops: forward pass, one image, multiply-add = 1 flop."
+    )
+    print("| block | Gflops | Δ Gflops | params (M) | Δ params |")
+    print("|---|---|---|---|---|")
+    base_gflops = base_params = None
+    for label, options in BLOCK_ROWS.items():
+        gflops, params, _ = measure(name, image_size=image_size, **options)
+        if base_gflops is None:  # the first row, the paper's block, is the reference
+            base_gflops, base_params = gflops, params
+        print(
+            f"| {label} | {gflops:.2f} | {gflops - base_gflops:+.3f} | {params / 1e6:.2f} | {params - base_params:+,d} |"
+        )
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    parser.add_argument("--blocks", action="store_true", help="one model with each block option instead (--model)")
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="the model of --blocks")
     args = parser.parse_args(argv)
+    if args.blocks:
+        return print_blocks_table(args.model, args.image_size)
     rows = [(name, "adaln_zero") for name in DiT_models]
     rows += [("DiT-XL/2", c) for c in CONDITIONINGS if c != "adaln_zero"]
     print(f"DiT at {args.image_size}px. Gflops: forward pass, one image, multiply-add = 1 flop (paper convention).")

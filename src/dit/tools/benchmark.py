@@ -4,6 +4,7 @@
     python -m dit.benchmark --model DiT-XL/2 --batch-size 32 --devices 2    # DDP over 2 GPUs
     python -m dit.benchmark --model DiT-XL/2 --batch-size 0 --time-sampler  # largest batch that fits, + sampler
     python -m dit.benchmark --model DiT-S/8 --image-size 64 --batch-size 4 --steps 3 --time-sampler sampler.steps=5   # CPU
+    python -m dit.benchmark --model DiT-XL/2 --objective flow --time-sampler sampler=heun   # flow matching (SiT)
 
 The training step is the one train.py runs — DiTModule (hybrid loss, AdamW, EMA through Lightning's
 dit.training.callbacks.ema.EMA, the non-finite guard) under a Lightning Trainer — fed in-memory latents, so the loader is
@@ -25,7 +26,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from dit.config import sampler_from
-from dit.diffusion import DDPM, Hybrid, batch_generator, draw
+from dit.diffusion import DDPM, REPA, Euler, FlowMatching, Hybrid, batch_generator, draw
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.models import DiT, DiT_models
 from dit.models.flops import count_gflops
@@ -91,14 +92,18 @@ def model_kwargs(name, image_size, activation_checkpointing=False):
 
 
 class InMemoryLatents:
-    """`steps` batches of the same random latents and labels (only their shape matters here)."""
+    """`steps` batches of the same random latents and labels (only their shape matters here), and
+    with `features` (a width) random encoder features, one per token."""
 
-    def __init__(self, batch_size, kwargs, steps):
+    def __init__(self, batch_size, kwargs, steps, features=0):
         size = kwargs["input_size"]
         self.batch = (
             torch.randn(batch_size, kwargs["in_channels"], size, size),
             torch.randint(0, kwargs["num_classes"], (batch_size,)),
         )
+        if features:
+            tokens = (size // kwargs["patch_size"]) ** 2
+            self.batch += (torch.randn(batch_size, tokens, features),)
         self.steps = steps
 
     def __len__(self):
@@ -129,13 +134,19 @@ class StepTimer(Callback):
             self.steps += 1
 
 
+# --objective: what the timed step minimises (conf/objective/).
+# REPA with its defaults (λ 0.5, block 8, DINOv2 ViT-B/14's 768-wide features), fed precomputed
+# features as data.features=true does: the encoder never runs in the step.
+OBJECTIVES = {"hybrid": Hybrid, "flow": FlowMatching, "repa": REPA}
+
+
 def benchmark_training(args, kwargs, accelerator):
     total = args.warmup + args.steps
     module = DiTModule(  # the recipe of conf/train.yaml
         model=DiT(**kwargs),
         optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0),
         diffusion=dict(timestep_respacing=""),
-        objective=Hybrid(),
+        objective=OBJECTIVES[args.objective](),
         sampler=DDPM(),
         sampling=dict(guidance_scale=1.0, guidance="official", seed=0),
         compile=args.compile,
@@ -155,7 +166,8 @@ def benchmark_training(args, kwargs, accelerator):
         limit_val_batches=0,
         log_every_n_steps=100,
     )
-    trainer.fit(module, train_dataloaders=InMemoryLatents(args.batch_size, kwargs, total))
+    features = module.objective.encoder_dim if args.objective == "repa" else 0
+    trainer.fit(module, train_dataloaders=InMemoryLatents(args.batch_size, kwargs, total, features))
     seconds = timer.end - timer.start
     device = trainer.strategy.root_device
     cuda = device.type == "cuda"
@@ -168,30 +180,36 @@ def benchmark_training(args, kwargs, accelerator):
 
 
 def benchmark_sampler(args, kwargs, device, dtype):
-    """The paper's sampler through `dit.diffusion.draw`: `sampler.steps` DDPM steps (sampler=
+    """The sampler through `dit.diffusion.draw` (the paper's 250 DDPM steps, or sampler=
     overrides) with classifier-free guidance (one batched forward over conditional + unconditional
-    halves), random weights, under autocast."""
+    halves, for the steps in --guidance-interval), random weights, under autocast."""
     torch.manual_seed(0)
     net = DiT(**{**kwargs, "activation_checkpointing": False}).to(device).eval()
     compile = device.type == "cuda" if args.compile == "auto" else args.compile
     if compile:
         net.compile(mode=None if compile is True else compile)
-    sampler = sampler_from(args.overrides)
-    options = dict(learn_sigma=net.learn_sigma)
+    objective = OBJECTIVES[args.objective]()
+    sampler = sampler_from(args.overrides, "heun" if args.objective == "flow" else "ddpm")
+    options = objective.process_options(dict(learn_sigma=net.learn_sigma))
     labels = torch.randint(0, kwargs["num_classes"], (args.sample_batch_size,))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def run(which):
         with torch.no_grad(), autocast:
             start = _now(device)
-            draw(net, which, options, labels, batch_generator(0, 0, device), args.guidance_scale)
+            generator = batch_generator(0, 0, device)
+            draw(net, which, options, labels, generator, args.guidance_scale, "auto", tuple(args.guidance_interval))
             return _now(device) - start
 
-    run(DDPM("3"))  # warm-up: compilation; every step has the same shapes, so the real loop reuses it
+    # Warm-up: compilation; every step has the same shapes, so the real loop reuses it.
+    run(Euler(steps=2) if args.objective == "flow" else DDPM("3"))
     seconds = run(sampler)
-    steps = sampler.process(options).num_timesteps
-    forwards = steps * (2 if args.guidance_scale != 1 else 1)
-    return dict(images_per_sec=args.sample_batch_size / seconds, seconds=seconds, forwards_per_image=forwards)
+    return dict(
+        images_per_sec=args.sample_batch_size / seconds,
+        seconds=seconds,
+        nfe=sampler.nfe,
+        forwards_per_image=sampler.nfe + sampler.guided_nfe,  # a guided evaluation is a forward of 2
+    )
 
 
 def parse_args(argv=None):
@@ -222,6 +240,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--sample-batch-size", type=int, default=64)
     p.add_argument("--guidance-scale", type=float, default=1.5)
+    p.add_argument(
+        "--guidance-interval", nargs=2, type=float, default=[0.0, 1.0], metavar=("LOW", "HIGH"), help="REPA: 0 0.7"
+    )
+    p.add_argument(
+        "--objective", choices=list(OBJECTIVES), default="hybrid", help="hybrid (the paper's), flow, or repa"
+    )
     p.add_argument("--no-train", action="store_true", help="only the sampler")
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_intermixed_args(argv)
@@ -238,6 +262,7 @@ def main(argv=None):
     fwd = forward_gflop(kwargs)
     result = dict(
         model=args.model,
+        objective=args.objective,
         image_size=args.image_size,
         precision=args.precision,
         compile=args.compile,
@@ -296,7 +321,7 @@ def largest_batch(args, kwargs, accelerator):
 
 def report(r):
     print(
-        f"{r['model']} at {r['image_size']}px on {r['device']} ×{r['devices']}{' (DDP)' if r['ddp'] else ''}, {r['precision']}, compile={r['compile']}"
+        f"{r['model']} ({r['objective']}) at {r['image_size']}px on {r['device']} ×{r['devices']}{' (DDP)' if r['ddp'] else ''}, {r['precision']}, compile={r['compile']}"
     )
     print(f"  matmul rate ({r['matmul_dtype']}), measured: {r['matmul_tflops']:.1f} TFLOP/s")
     print(
@@ -310,7 +335,8 @@ def report(r):
         )
     if "sampler_images_per_sec" in r:
         print(
-            f"  sampler, batch {r['sample_batch_size']} ({r['sampler_forwards_per_image']} forwards/image): "
+            f"  sampler, batch {r['sample_batch_size']} ({r['sampler_nfe']} evaluations, "
+            f"{r['sampler_forwards_per_image']} forwards/image): "
             f"{r['sampler_images_per_sec']:.2f} images/s, {r['sampler_tflops']:.1f} TFLOP/s = "
             f"{100 * r['sampler_mfu']:.1f}% of the matmul rate"
         )

@@ -59,7 +59,7 @@ def export(checkpoint: dict, source: str | Path, which: str = "ema") -> dict:
         "config": {
             "model": config["model"],
             "data": config["data"],
-            "module": {"diffusion": config["module"]["diffusion"]},
+            "module": {k: config["module"][k] for k in ("diffusion", "objective") if k in config["module"]},
         },
         "manifest": manifest,
     }

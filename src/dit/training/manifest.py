@@ -42,6 +42,7 @@ LAUNCH_KEYS = (
     "callbacks.nonfinite_guard",
     "callbacks.throughput",
     "callbacks.rng_state",
+    "callbacks.posthoc_ema",  # snapshots of averages that never feed back into training
     "module.model",
     "module.objective",  # the model and objective groups again (module.model: ${model})
     "module.compile",
@@ -95,13 +96,21 @@ def _covered(key, prefixes):
     return any(key == p or key.startswith(f"{p}.") for p in prefixes)
 
 
+# Keys added to the config after runs were made without them, with the value those runs had: a
+# checkpoint that lacks one trained with this value (the paper's block: dit.models.BLOCK_DEFAULTS).
+IMPLIED_KEYS = {"model.rope": False, "model.mlp": "gelu", "model.norm": "layernorm", "model.qk_norm": False}
+
+
 def run_identity(config):
     """The settings that decide what a run trains, as {dotted key: value}: the resolved run config
     (a plain dict) less LAUNCH_KEYS, plus RECIPE_KEYS, less the classes that implement a callback
-    (the EMA's `_target_` differs on a TPU: the same average)."""
+    (the EMA's `_target_` differs on a TPU: the same average); IMPLIED_KEYS where it lacks them."""
+    flat = flatten(config)
+    if "model._target_" in flat:
+        flat = IMPLIED_KEYS | flat
     return {
         k: v
-        for k, v in flatten(config).items()
+        for k, v in flat.items()
         if (not _covered(k, LAUNCH_KEYS) or _covered(k, RECIPE_KEYS))
         and not (k.startswith("callbacks.") and k.endswith("_target_"))
     }

@@ -17,7 +17,7 @@ import torch
 from lightning import LightningModule
 
 from dit.data.decoding import make_decoder
-from dit.diffusion import Objective, Sampler, create_diffusion, draw
+from dit.diffusion import Objective, Sampler, draw
 from dit.diffusion.sampling import batch_generator
 from dit.errors import UsageError
 from dit.evaluation.images import make_grid, save_png
@@ -36,11 +36,12 @@ class DiTModule(LightningModule):
         model: the backbone (conf/model builds a `dit.models.DiT`).
         optimizer: a partial optimizer, called with the parameters (conf: torch.optim.AdamW with
             `_partial_: true`; paper: lr 1e-4, no weight decay).
-        diffusion: keyword arguments of `create_diffusion` for training (paper: all 1000 steps).
+        diffusion: keyword arguments of `create_diffusion` for training (paper: all 1000 steps);
+            the Gaussian objectives train on it, the flow objective has its own path.
         objective: what training minimises (conf/objective; paper: `Hybrid`, L_simple + L_vlb).
         sampler: how the sample grids are drawn (conf/sampler; paper: `DDPM`, 250 steps).
-        sampling: the grids' `guidance_scale`, `guidance` variant and `seed`; their classes come
-            from the data, drawn every `trainer.val_check_interval` steps.
+        sampling: the grids' `guidance_scale`, `guidance` variant, `guidance_interval` and `seed`;
+            their classes come from the data, drawn every `trainer.val_check_interval` steps.
         init_from: a checkpoint whose (EMA) weights start the run: the official
             `DiT-XL-2-256x256.pt`, an official training checkpoint, an export, or a train.py checkpoint.
         compile: compile the backbone's forward with torch.compile: true, false, "auto" (on CUDA
@@ -68,9 +69,13 @@ class DiTModule(LightningModule):
             except UsageError as err:
                 raise UsageError(f"module.init_from={init_from}: {err}") from None
         self.optimizer_factory = optimizer
-        self.diffusion_options = {k: v for k, v in diffusion.items() if k != "timestep_respacing"}
-        self.diffusion = create_diffusion(**diffusion)
+        # The process training runs on, and what a sampler needs to know of it (checkpoints record it).
+        self.diffusion = objective.process(diffusion)
+        self.diffusion_options = objective.process_options(diffusion)
         self.objective = objective
+        # Trainable parts of the objective (REPA's projector): trained, averaged and checkpointed
+        # with the model, never exported with it.
+        self.objective_modules = objective.build_modules(model)
         self.sampler = sampler
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
@@ -98,21 +103,27 @@ class DiTModule(LightningModule):
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, *features = batch  # data.features=true adds the encoder's patch features (REPA)
         t = self.objective.timesteps(x.shape[0], self.diffusion, x.device)
-        terms = self._losses(x, t, y)
+        terms = self._losses(x, t, y, *features)
         # Device tensors: Lightning reads them on the host only every log_every_n_steps. Not on the
         # progress bar: its values are read at every step, a host sync per step.
         for name, value in terms.items():
             self.log(f"train/{name}", value.mean())
         return terms["loss"].mean()
 
-    def _losses(self, x, t, y):
+    def _losses(self, x, t, y, features=None):
         """Per-sample loss terms of the objective (one graph under `compile`)."""
-        return self.objective.losses(self.model, self.diffusion, x, t, dict(y=y), torch.randn_like(x))
+        extras = {}
+        if features is not None:
+            extras["features"] = features
+        if self.objective_modules is not None:
+            extras["modules"] = self.objective_modules
+        args = (self.model, self.diffusion, x, t, dict(y=y), torch.randn_like(x))
+        return self.objective.losses(*args, extras=extras) if extras else self.objective.losses(*args)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]  # not the frozen pos_embed
+        params = [p for p in self.parameters() if p.requires_grad]  # not the frozen pos_embed
         # Fused where the optimizer has it: one kernel for the whole update, on CUDA and on CPUs; it
         # can also skip an update on the device (callbacks/nonfinite_guard.py).
         has_fused = "fused" in inspect.signature(self.optimizer_factory.func).parameters
@@ -148,7 +159,14 @@ class DiTModule(LightningModule):
         s = self.hparams.sampling
         generator = batch_generator(s["seed"], int(k), self.device)
         z = draw(
-            self.model, self.sampler, self.diffusion_options, labels, generator, s["guidance_scale"], s["guidance"]
+            self.model,
+            self.sampler,
+            self.diffusion_options,
+            labels,
+            generator,
+            s["guidance_scale"],
+            s["guidance"],
+            tuple(s.get("guidance_interval", (0.0, 1.0))),
         )
         self._grid.append((index.to(self.device), z))
 

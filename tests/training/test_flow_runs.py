@@ -1,0 +1,83 @@
+"""A flow-matching run end to end in this process: train.py with objective=flow, its checkpoint
+and export, and dit.sample from them with the ODE and SDE samplers, NFE and labels protocol recorded."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import quick_cfg
+
+from dit.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, digits_dir):
+    import train
+
+    out = tmp_path_factory.mktemp("flow")
+    cfg = quick_cfg(
+        out,
+        digits_dir,
+        "objective=flow",
+        "objective.time_sampling=lognormal",
+        "sampler=heun",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=12",
+        "data.global_batch_size=32",
+        "module.sampling.guidance_interval=[0.0,0.7]",
+        "~callbacks.digits_accuracy",
+    )
+    train.main(cfg)
+    return out
+
+
+def test_a_flow_run_trains_and_draws_its_grids_with_the_flow_sampler(flow_run):
+    checkpoint = torch.load(flow_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    config = checkpoint["config"]
+    assert config["module"]["objective"]["_target_"] == "dit.diffusion.objectives.FlowMatching"
+    assert config["module"]["sampler"]["_target_"] == "dit.diffusion.flow_samplers.Heun"
+    assert (flow_run / "samples" / "step_0000012.png").is_file()
+
+
+def test_dit_sample_draws_a_flow_checkpoint_with_its_own_kind_of_sampler(flow_run, tmp_path, capsys):
+    from dit.evaluation.sample import main as sample
+
+    ckpt = flow_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "sde"
+    sample([str(ckpt), str(out), "--num-samples", "20", "--batch-size", "10", "--labels", "balanced",
+            "--guidance-scale", "2", "--guidance-interval", "0", "0.7", "sampler.steps=6"])  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    identity = manifest["identity"]
+    assert identity["sampler.class"] == "dit.diffusion.flow_samplers.EulerMaruyama"  # a flow's default: SiT's SDE
+    assert identity["labels"] == "balanced" and identity["guidance"] == "all_channels"
+    assert identity["guidance_interval"] == [0.0, 0.7]
+    assert manifest["nfe"] == 6 and 0 < manifest["guided_nfe"] < 6
+    assert "6 function evaluations per sample" in capsys.readouterr().out
+    arr = np.load(f"{out}.npz")["arr_0"]
+    assert arr.shape == (20, 8, 8, 3)
+
+    heun = tmp_path / "heun"
+    sample([str(ckpt), str(heun), "--num-samples", "10", "sampler=heun", "sampler.steps=3", "--guidance-scale", "1"])
+    assert json.loads((heun / "manifest.json").read_text())["nfe"] == 6
+
+
+def test_a_flow_export_keeps_its_objective_and_refuses_a_gaussian_sampler(flow_run, tmp_path):
+    from dit.evaluation.sample import load_model
+    from dit.evaluation.sample import main as sample
+    from dit.tools.export import main as export
+
+    exported = export([str(flow_run / "checkpoints" / "last.ckpt"), str(tmp_path / "flow.pt")])
+    model = load_model(exported)[0]
+    assert model.diffusion_options == {"path": "linear", "prediction": "velocity"}
+    with pytest.raises(UsageError, match="trained by flow matching .*use sampler=euler, heun, dopri5 or sde"):
+        sample([str(exported), str(tmp_path / "ddpm"), "--num-samples", "4", "sampler=ddpm", "sampler.steps=5"])
+
+
+def test_balanced_labels_need_a_multiple_of_the_classes(tiny_run, tmp_path):
+    from dit.evaluation.sample import main as sample
+
+    with pytest.raises(UsageError, match="divisible by 10"):
+        sample([str(tiny_run), str(tmp_path / "s"), "--num-samples", "15", "--labels", "balanced"])
+    with pytest.raises(UsageError, match="leave out --classes"):
+        sample([str(tiny_run), str(tmp_path / "s"), "--num-samples", "10", "--labels", "balanced", "--classes", "1"])

@@ -1,0 +1,14 @@
+"""What decides a run (dit.training.manifest.run_identity): keys added to the config later."""
+
+from dit.training.manifest import changed_keys, run_identity
+
+
+def test_a_checkpoint_without_the_block_options_trained_the_papers_block():
+    """A run recorded before model.rope/mlp/norm/qk_norm existed compares equal to the same run with
+    them at the paper's values, and differs from one that turns an option on."""
+    before = {"model": {"_target_": "dit.models.DiT", "size": "XL"}, "seed": 0}
+    now = {"model": {"_target_": "dit.models.DiT", "size": "XL", "rope": False, "mlp": "gelu", "norm": "layernorm",
+                     "qk_norm": False}, "seed": 0}  # fmt: skip
+    assert changed_keys(run_identity(before), run_identity(now)) == []
+    now["model"]["mlp"] = "swiglu"
+    assert changed_keys(run_identity(before), run_identity(now)) == ["model.mlp"]

@@ -1,11 +1,13 @@
 """Latent extraction (dit.extract) end to end on generated images and a small random AutoencoderKL:
-ADM's centre crop, shard contents, the DataModule reading them, the split over ranks, resume, bf16."""
+ADM's centre crop, shard contents, the DataModule reading them, the split over ranks, resume, bf16,
+and the REPA encoder's arguments (its features themselves: tests/data/test_features.py)."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
 import dit.tools.extract as extract
@@ -215,3 +217,57 @@ def test_bad_input_is_named(tmp_path, vae_dir):
         run_extract(tmp_path, tmp_path / "out", vae_dir)
     with pytest.raises(ValueError, match="--resolution 30 must be a positive multiple of 8"):
         run_extract(tmp_path, tmp_path / "out", vae_dir, "--resolution", "30")
+
+
+# ---------------------------------------------------------------- REPA features (--repa-encoder)
+
+
+def test_repa_arguments_are_checked(tmp_path, image_dir, vae_dir):
+    with pytest.raises(ValueError, match="--repa-encoder-weights needs --repa-encoder"):
+        run_extract(image_dir, tmp_path / "out", vae_dir, "--repa-encoder-weights", "random")
+    with pytest.raises(ValueError, match="resolution 40 is not a positive multiple of 16.*--resolution"):
+        run_extract(image_dir, tmp_path / "out", vae_dir, "--resolution", "40", "--repa-encoder", "dinov2_vits14")
+    with pytest.raises(ValueError, match="invalid choice: 'dinov3'"):
+        run_extract(image_dir, tmp_path / "out", vae_dir, "--repa-encoder", "dinov3")
+
+
+def test_repa_encoder_offline_is_one_line(tmp_path, image_dir, vae_dir, monkeypatch, capsys):
+    """As `python -m dit.extract ... --repa-encoder dinov2_vits14` prints it with huggingface_hub
+    offline and an empty cache (in this process: a subprocess would import torch and timm again)."""
+    import huggingface_hub.constants as hub
+
+    from dit.errors import exit_on_usage_error
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit):
+        exit_on_usage_error(
+            lambda: run_extract(image_dir, tmp_path / "out", vae_dir, "--repa-encoder", "dinov2_vits14")
+        )
+    one_line_error(capsys.readouterr().err, "dinov2_vits14", "could not be downloaded", "--repa-encoder-weights PATH")
+
+
+def test_a_resumed_run_cannot_mix_record_layouts(tmp_path, image_dir, vae_dir, monkeypatch):
+    """Parts written without features and a rerun with --repa-encoder (or parts of other settings
+    at the merge) would give a folder of two record layouts: each is refused, naming the part."""
+    out = tmp_path / "latents"
+    real_encode_part, calls = extract.encode_part, []
+
+    def interrupted_encode_part(files, *args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_encode_part(files, *args)
+
+    monkeypatch.setattr(extract, "encode_part", interrupted_encode_part)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(image_dir, out, vae_dir)  # part 0 written, without features
+    monkeypatch.setattr(extract, "encode_part", real_encode_part)
+    random_encoder = ("--repa-encoder", "dinov2_vits14", "--repa-encoder-weights", "random")
+    with pytest.raises(ValueError, match=r"part_00000 was written with no --repa-encoder, this run asks for "):
+        run_extract(image_dir, out, vae_dir, *random_encoder, "--resolution", "32")
+    meta = json.loads((out / "parts" / "part_00000" / "meta.json").read_text())
+    (out / "parts" / "part_00000" / "meta.json").write_text(json.dumps(meta | {"vae": "another"}))
+    with pytest.raises(ValueError, match=r"part_00001 was written with other settings than .*part_00000 \(vae: "):
+        run_extract(image_dir, out, vae_dir)
+    assert not (out / "meta.json").exists()

@@ -81,3 +81,41 @@ def test_balanced_labels_need_a_multiple_of_the_classes(tiny_run, tmp_path):
         sample([str(tiny_run), str(tmp_path / "s"), "--num-samples", "15", "--labels", "balanced"])
     with pytest.raises(UsageError, match="leave out --classes"):
         sample([str(tiny_run), str(tmp_path / "s"), "--num-samples", "10", "--labels", "balanced", "--classes", "1"])
+
+
+def test_a_repa_run_trains_its_projector_on_the_shards_features(tmp_path):
+    """objective=repa on shards whose records carry 16 tokens of 8 features: the step logs the
+    alignment term, and the checkpoint holds the projector beside the backbone (the export does not)."""
+    import train
+
+    from dit.data.shards import write_shards
+    from dit.tools.export import export
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(64):
+        image = rng.uniform(-1, 1, (1, 8, 8))
+        posterior = np.stack([np.stack([image, 0 * image]), np.stack([image[..., ::-1], 0 * image])])
+        records.append((i % 10, posterior, rng.normal(size=(16, 8))))
+    write_shards(records, tmp_path / "shards", dict(channels=1, latent_size=8, num_classes=10, source="test"))
+    cfg = quick_cfg(
+        tmp_path / "run",
+        tmp_path / "shards",
+        "objective=repa",
+        "objective.depth=1",
+        "objective.encoder_dim=8",
+        "objective.projector_dim=16",
+        "data.features=true",
+        "sampler=euler",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "data.global_batch_size=16",
+        "~callbacks.digits_accuracy",
+    )
+    train.main(cfg)
+    metrics = (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "train/repa" in metrics.splitlines()[0]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("objective_modules.projector.") for k in checkpoint["state_dict"])
+    assert not any("projector" in k for k in export(checkpoint, "last.ckpt")["ema"])

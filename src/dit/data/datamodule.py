@@ -10,6 +10,7 @@ out and frees the block at once.
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from dit.data.shards import META_FILE, PosteriorView, ShardDataset, check_shards
 from dit.errors import UsageError
 from dit.platform.compat import end_loader_restore, new_shared_storage
 
+NO_FEATURES_FIX = (
+    "encoder features; write shards with them (`python -m dit.extract IMAGES OUT --repa-encoder dinov2_vitb14`), "
+    "or set data.features=false"
+)
+
 
 class LatentDataModule(LightningDataModule):
     """Streams latent shards from a local folder or an object store (`s3://…`, `gs://…`).
@@ -33,6 +39,9 @@ class LatentDataModule(LightningDataModule):
     Validation draws a sample grid: one row per class of `sample_classes`, in batches of
     `sample_batch_size` (dit.diffusion.sampling's seeding: a grid is the same on any number of devices).
     `pixels` says the "latents" are images in [-1, 1] (the digits), which need no VAE to be seen.
+    `features` (REPA, Yu et al. 2024) makes the train batches (x, y, features): each record's encoder
+    patch tokens (N, T, D) float32, mirrored on the token grid where the latent is the flip's
+    (`sample_latents`); the shards must hold them (`python -m dit.extract --repa-encoder ...`).
     """
 
     def __init__(
@@ -52,6 +61,7 @@ class LatentDataModule(LightningDataModule):
         samples_per_class: int = 8,
         sample_batch_size: int = 64,
         pixels: bool = False,
+        features: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +69,8 @@ class LatentDataModule(LightningDataModule):
         self.flip = flip
         self.scale_factor = scale_factor
         self.pixels = pixels
+        self.features = features
+        self.feature_shape = None  # (tokens, dim) of the shards' features, read from meta.json in setup()
         self.batch_size = None  # per device, set in setup()
 
     def prepare_data(self):
@@ -81,10 +93,12 @@ class LatentDataModule(LightningDataModule):
         self.batch_size = self.hparams.global_batch_size // world
         self.check_shards_fit()
 
-    def check_shards_fit(self):
-        """The shards are there, whole, and hold what this data config says (meta.json)."""
+    def check_shards_fit(self, feature_tokens: int | None = None, feature_dim: int | None = None):
+        """The shards are there, whole, and hold what this data config says (meta.json). With
+        `data.features`, they hold encoder features; given `feature_tokens` / `feature_dim` (what a
+        REPA projector aligns to: DiT's token count, the encoder's width), the features have them."""
         if "://" in self.path:
-            return  # an object store: litdata's own index is checked when streaming starts
+            return  # an object store: litdata's own index is checked when streaming starts; features by CollateRecords
         folder = Path(self.path)
         if not (folder / META_FILE).exists():
             what = "does not exist" if not folder.exists() else f"holds no {META_FILE}"
@@ -100,6 +114,22 @@ class LatentDataModule(LightningDataModule):
                     f"the shards in {folder} hold {key}={meta[key]}, but the data config says {self.hparams[key]}; "
                     f"set data.{key}={meta[key]} (the model takes its shape from the data config)"
                 )
+        if not self.features:
+            return
+        entry = meta.get("features")
+        if not isinstance(entry, dict) or not {"tokens", "dim"} <= entry.keys():
+            raise UsageError(f"data.features=true, but the shards in {folder} hold no {NO_FEATURES_FIX}")
+        self.feature_shape = (int(entry["tokens"]), int(entry["dim"]))
+        for what, want, have, fix in (
+            ("tokens", feature_tokens, entry["tokens"], "the model's token count (latent_size/patch)² must equal it"),
+            ("dim", feature_dim, entry["dim"], "the projector's output width must equal it"),
+        ):
+            if want is not None and want != have:
+                raise UsageError(
+                    f"the features in {folder} have {what}={have} ({entry.get('encoder', 'an encoder')} at "
+                    f"{entry.get('resolution', '?')} px), but {want} are asked for: {fix}; extract them again "
+                    "for this model (dit.extract --resolution, --repa-encoder) or change the model"
+                )
 
     def train_dataloader(self):
         dataset = ShardDataset(
@@ -114,9 +144,19 @@ class LatentDataModule(LightningDataModule):
             raise UsageError(
                 f"{self.path} holds {len(dataset)} samples for this rank, fewer than one batch of {self.batch_size}"
             )
+        if self.features and self.feature_shape is None:  # an object store: meta.json was not read, a record is
+            first = dataset[0]
+            if "features" not in first:
+                raise UsageError(f"data.features=true, but the records of {self.path} hold no {NO_FEATURES_FIX}")
+            self.feature_shape = tuple(first["features"].shape)
         return LatentLoader(
             dataset,
-            CollateRecords(self.hparams.num_classes, self.hparams.channels, self.hparams.latent_size),
+            CollateRecords(
+                self.hparams.num_classes,
+                self.hparams.channels,
+                self.hparams.latent_size,
+                features=self.feature_shape if self.features else None,
+            ),
             batch_size=self.batch_size,
             num_workers=self.hparams.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -139,9 +179,13 @@ class LatentDataModule(LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        """On the device: pick the image or its flip, sample z ~ N(mean, std²), scale it."""
+        """On the device: pick the image or its flip, sample z ~ N(mean, std²), scale it; with
+        `features`, their tokens too, mirrored where the flip was picked."""
         if not self.trainer.training:
             return batch
+        if self.features:
+            x, features = sample_latents(batch["posterior"], self.flip, self.scale_factor, batch["features"])
+            return x, batch["label"], features
         return sample_latents(batch["posterior"], self.flip, self.scale_factor), batch["label"]
 
 
@@ -159,9 +203,16 @@ class GridBatches(Dataset):
         return k, self.labels[index], index
 
 
-def sample_latents(posterior, flip, scale_factor):
+def sample_latents(posterior, flip, scale_factor, features=None):
     """(N, 2, 2, C, H, W) posteriors -> (N, C, H, W) latents: one of [image, flip] at random
-    (always the image when `flip` is off), then mean + std·ε, times the VAE scale factor."""
+    (always the image when `flip` is off), then mean + std·ε, times the VAE scale factor.
+
+    With `features` ((N, T, D) encoder tokens of the unflipped images, T a square grid in row-major
+    order), returns (latents, features as float32), the features of each flipped draw mirrored
+    left-right on the token grid. That is how a flip moves the patches, so each token stays on the
+    patch it describes, but only approximately what the encoder gives for the mirrored image
+    (DINOv2 is not flip-equivariant). REPA itself trains without flips (its dataset.py has none);
+    `data.flip=false` keeps its exact targets. The draws are the same with or without features."""
     posterior = posterior.float()
     n = posterior.shape[0]
     if flip:
@@ -170,7 +221,23 @@ def sample_latents(posterior, flip, scale_factor):
     else:
         chosen = posterior[:, 0]
     mean, std = chosen[:, 0], chosen[:, 1]
-    return (mean + std * torch.randn_like(mean)) * scale_factor
+    latents = (mean + std * torch.randn_like(mean)) * scale_factor
+    if features is None:
+        return latents
+    features = features.float()
+    if flip:
+        features = torch.where(pick.bool()[:, None, None], mirror_tokens(features), features)
+    return latents, features
+
+
+def mirror_tokens(features):
+    """(N, T, D) tokens of a g×g grid in row-major order -> the tokens of the left-right mirrored grid
+    (column c <- column g-1-c): what a horizontal flip of the image does to its patch positions."""
+    n, tokens, dim = features.shape
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise UsageError(f"features of {tokens} tokens are not a square grid; extract them again (dit.extract)")
+    return features.view(n, grid, grid, dim).flip(2).reshape(n, tokens, dim)
 
 
 class CollateRecords:
@@ -184,18 +251,30 @@ class CollateRecords:
     "size": n} and `LatentLoader` reads it from there. Should every block of the worker's part be
     in use, a fresh block of shared memory is made instead and the batch returned in it, as in any
     other worker; outside workers it is a plain block. Either way {"label", "posterior"} views of
-    a block come from `views`."""
+    a block come from `views`.
 
-    def __init__(self, num_classes, channels, latent_size):
+    With `features` = (tokens, dim), each record's float16 features are checked and copied too, after
+    the labels (an 8-byte aligned offset, whatever their size): {"label", "posterior", "features"}."""
+
+    def __init__(self, num_classes, channels, latent_size, features: tuple[int, int] | None = None):
         self.num_classes = num_classes
         self.shape = (2, 2, channels, latent_size, latent_size)
-        self.record_bytes = int(np.prod(self.shape)) * 2 + 8  # float16 posterior + int64 label
+        self.feature_shape = tuple(features) if features is not None else None
+        feature_bytes = int(np.prod(self.feature_shape)) * 2 if features is not None else 0
+        self.record_bytes = int(np.prod(self.shape)) * 2 + 8 + feature_bytes  # float16 posterior + int64 label
         self.pool = None  # (blocks, in_use) of the epoch a LatentLoader started last
 
     def __call__(self, records):
         for record in records:
             if record["posterior"].shape != self.shape:
                 raise UsageError(f"a record's posterior has shape {record['posterior'].shape}, expected {self.shape}")
+            if self.feature_shape is not None:
+                if "features" not in record:
+                    raise UsageError(f"data.features=true, but a record holds no {NO_FEATURES_FIX}")
+                if record["features"].shape != self.feature_shape:
+                    raise UsageError(
+                        f"a record's features have shape {record['features'].shape}, expected {self.feature_shape}"
+                    )
         labels = np.array([record["label"] for record in records], dtype=np.int64)
         outside = (labels < 0) | (labels >= self.num_classes)
         if outside.any():
@@ -216,13 +295,19 @@ class CollateRecords:
         batch = self.views(block, n)
         np.stack([record["posterior"] for record in records], out=batch["posterior"].numpy())
         batch["label"].numpy()[:] = labels
+        if self.feature_shape is not None:
+            np.stack([record["features"] for record in records], out=batch["features"].numpy())
         return batch if slot is None else {"slot": slot, "size": n}
 
     def views(self, block, n):
-        """The batch of `n` records in a uint8 block: {"label": (n,) int64, "posterior": (n, 2, 2, C, H, W) float16}."""
-        posterior_bytes = n * (self.record_bytes - 8)
+        """The batch of `n` records in a uint8 block: {"label": (n,) int64, "posterior": (n, 2, 2, C, H, W)
+        float16}, and "features": (n, T, D) float16 with `features`."""
+        posterior_bytes = n * int(np.prod(self.shape)) * 2
         posterior = block[:posterior_bytes].view(torch.float16).view(n, *self.shape)
-        return {"label": block[posterior_bytes:].view(torch.int64), "posterior": posterior}
+        batch = {"label": block[posterior_bytes : posterior_bytes + 8 * n].view(torch.int64), "posterior": posterior}
+        if self.feature_shape is not None:
+            batch["features"] = block[posterior_bytes + 8 * n :].view(torch.float16).view(n, *self.feature_shape)
+        return batch
 
 
 # Reusing a block relies on the training process's reads of a batch being done before the worker

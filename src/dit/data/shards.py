@@ -9,8 +9,17 @@ distribution of training inputs, at no VAE cost:
     record = {"label": int, "posterior": float16 array (2, 2, C, H, W)}
                                           [image, flip] x [mean, std]
 
-A folder of shards also holds `meta.json` (channels, latent size, classes, count, source), which
-is checked against the model before training starts.
+For REPA (Yu et al. 2024) a record may also hold the patch tokens of a frozen vision encoder
+(dit.data.encoders) of the unflipped image, which REPA aligns DiT's tokens to:
+
+    record = {"label": int, "posterior": ..., "features": float16 array (T, D)}
+
+(written by `python -m dit.extract --repa-encoder ...`; a flipped draw mirrors them on the token
+grid, see dit.data.datamodule.sample_latents). A folder's records all hold features or none do.
+
+A folder of shards also holds `meta.json` (channels, latent size, classes, count, source; with
+features, `features: {"encoder", "tokens", "dim", "resolution", ...}`), which is checked against
+the model before training starts.
 """
 
 from __future__ import annotations
@@ -35,28 +44,64 @@ logging.getLogger("litdata").setLevel(logging.WARNING)  # it reports its cache s
 
 
 def write_shards(records, output_dir: str | Path, meta: dict, chunk_bytes: str = "64MB") -> None:
-    """Write an iterable of (label, posterior) pairs as litdata shards plus `meta.json`.
+    """Write an iterable of (label, posterior) pairs, or (label, posterior, features) triples, as
+    litdata shards plus `meta.json`.
 
-    `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]. `meta` gives
-    channels, latent_size, num_classes and source; the chunks' CRC-32s are added to it.
+    `posterior` is a (2, 2, C, H, W) array: [image, flip] x [mean, std]; `features` a (T, D) array
+    of encoder patch tokens of the unflipped image, stored as float16. `meta` gives channels,
+    latent_size, num_classes and source (and, with features, `features`: the encoder's name and
+    input resolution); the chunks' CRC-32s and the features' `tokens` and `dim` are added to it.
     """
     output_dir = Path(output_dir)
-    count = write_chunks(records, output_dir, chunk_bytes)
+    shapes = []  # the features' shape, noted as the records go by (they may be a generator)
+
+    def noting(records):
+        for record in records:
+            if len(record) == 3 and not shapes:
+                shapes.append(np.shape(record[2]))
+            yield record
+
+    count = write_chunks(noting(records), output_dir, chunk_bytes)
     meta = dict(meta, num_samples=count, chunk_crc32=chunk_checksums(output_dir) if count else {})
+    if shapes:
+        meta["features"] = features_meta(meta.get("features"), *shapes[0])
+    elif meta.get("features") and count:
+        raise UsageError("meta gives features, but the records hold none; pass (label, posterior, features) records")
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def features_meta(given: dict | None, tokens: int, dim: int) -> dict:
+    """meta.json's `features` entry: what the writer says (encoder, resolution), with the records'
+    token count and width, which must agree with it where it gives them."""
+    entry = dict(given or {})
+    for key, value in (("tokens", tokens), ("dim", dim)):
+        if entry.setdefault(key, value) != value:
+            raise UsageError(f"meta gives features {key}={entry[key]}, but the records' features have {key}={value}")
+    return entry
+
+
 def write_chunks(records, folder: Path, chunk_bytes: str = "64MB") -> int:
-    """(label, posterior) records as litdata chunks and their index.json in `folder` (created),
-    written in this process by litdata's BinaryWriter (litdata.optimize would start worker
-    processes, ~10 s each, for work this process does anyway). Returns the number of records."""
+    """(label, posterior) or (label, posterior, features) records as litdata chunks and their
+    index.json in `folder` (created), written in this process by litdata's BinaryWriter
+    (litdata.optimize would start worker processes, ~10 s each, for work this process does
+    anyway). All records hold features of one shape, or none do. Returns the number of records."""
     from litdata.streaming.writer import BinaryWriter
 
     folder.mkdir(parents=True, exist_ok=True)
-    writer, count = None, 0
-    for count, (label, posterior) in enumerate(records, 1):
+    writer, count, feature_shape = None, 0, None
+    for count, (label, posterior, *features) in enumerate(records, 1):
         writer = writer or BinaryWriter(str(folder), chunk_bytes=chunk_bytes)
-        writer[count - 1] = {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+        record = {"label": int(label), "posterior": np.ascontiguousarray(posterior, dtype=np.float16)}
+        shape = np.shape(features[0]) if features else None
+        feature_shape = shape if count == 1 else feature_shape
+        if shape != feature_shape:  # litdata's writer takes the record layout from the first record, assumes it after
+            raise UsageError(
+                f"record {count - 1} has features of shape {shape}, the first record {feature_shape}: "
+                "a folder's records all hold features of one (tokens, dim) shape, or none do"
+            )
+        if features:
+            record["features"] = np.ascontiguousarray(features[0], dtype=np.float16)
+        writer[count - 1] = record
     if writer is None:
         return 0  # nothing to write: meta.json alone says so
     writer.done()
@@ -162,8 +207,8 @@ class ShardDataset(litdata.StreamingDataset):
 
 
 class PosteriorView(NumpySerializer):
-    """litdata's decoding of a record's posterior without its copy: a read-only view of the
-    record's bytes in the chunk litdata holds (a memory map of a local shard). `CollateRecords`
+    """litdata's decoding of a record's posterior (and features) without its copy: a read-only view
+    of the record's bytes in the chunk litdata holds (a memory map of a local shard). `CollateRecords`
     copies it into the batch; the view keeps the chunk mapped until then. Same bytes on disk:
     dtype index, number of dims, dims (uint32 each), then the array."""
 

@@ -3,12 +3,30 @@
     python -m dit.extract imagenet/train latents/imagenet_256 --resolution 256          # one GPU
     torchrun --nproc_per_node 8 -m dit.extract imagenet/train latents/imagenet_256      # 8 GPUs
     python -m dit.extract imagenet/train latents/imagenet_512 --resolution 512 --vae mse --precision bf16-true
+    python -m dit.extract imagenet/train latents/imagenet_256_repa --repa-encoder dinov2_vitb14    # + REPA features
 
 Each image goes through the official preprocessing (ADM's centre crop, as the official train.py), and the
 Stable Diffusion VAE encodes it and its mirror image; a record keeps both posteriors (mean, std) and
 the label, so training samples a fresh latent and a random flip at every draw as the official
 train.py does, without running the VAE (dit.data). Classes are the sorted sub-folder names, as
 torchvision's ImageFolder numbers them in the official code.
+
+REPA features (Yu et al. 2024; `--repa-encoder`, dit.data.encoders): in the same pass, from the same
+cropped images, a frozen encoder's patch tokens of each unflipped image are stored in its record as
+float16 (T, D) — DINOv2 ViT-B/14's final-norm patch tokens of the image resized to 224 px (448 px at
+512), as REPA's train.py computes them at every step. Storage: 256 tokens × 768 × 2 bytes = 384 KiB
+an image at 256 px (12× the 32 KiB posterior pair), ≈ 504 GB (469 GiB) for ImageNet's 1,281,167
+training images; 1,024 tokens at 512 px, 4× that. A flipped draw uses the features mirrored on the
+16×16 token grid (dit.data.datamodule.sample_latents): exactly how the flip moves the patches, but
+only approximately what DINOv2 gives for the mirrored image (it is not flip-equivariant); REPA
+itself trains without flips, which `data.flip=false` reproduces. `--repa-encoder-weights PATH` takes
+the encoder's weights from a local .safetensors / .pth file instead of the Hugging Face hub;
+`--repa-encoder-weights random` (for tests only) uses a randomly initialised encoder, recorded as
+such in meta.json. The encoder runs in the VAE's precision: on an H200, DINOv2 B/14 at batch 64 took
+~940 images/s in fp32 (no TF32) and ~6,900 in bf16 (random weights). bf16's error on the real weights
+could not be measured here (a random DINOv2's LayerScale of 1e-5 leaves its blocks nearly off): compare
+a few batches in both precisions before using it. A part's records are held in memory until it is
+written: with features that is ~4 GB a rank at the default --part-size of 10,000 images.
 
 Work is cut into parts of `--part-size` images of the sorted file list; part p goes to rank p % world
 (RANK / WORLD_SIZE of torchrun or SLURM; several nodes need a shared output folder). A finished part
@@ -35,6 +53,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dit.data.encoders import ENCODERS, encoder_input_size, load_encoder
 from dit.data.shards import META_FILE, file_crc32, write_chunks
 from dit.data.vae import encode, load_vae
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
@@ -72,8 +91,9 @@ def list_images(root):
 
 
 class CroppedImages(torch.utils.data.Dataset):
-    """Decoded, cropped images in [-1, 1] (Normalize(0.5, 0.5) of the official code), decoded in
-    loader workers. An image PIL cannot read comes back as None and is skipped by `keep_decoded`."""
+    """Decoded, cropped images as uint8 (3, size, size), decoded in loader workers (`encode_part`
+    maps them to [-1, 1] for the VAE, and the REPA encoder takes them as they are, as REPA's raw
+    images). An image PIL cannot read comes back as None and is skipped by `keep_decoded`."""
 
     def __init__(self, files, size):
         self.files, self.size = files, size
@@ -88,8 +108,7 @@ class CroppedImages(torch.utils.data.Dataset):
                 image = image.convert("RGB")  # grayscale, CMYK, palette and alpha images, as ImageFolder
         except Exception:  # truncated, corrupt, not an image: any failure to decode skips the file
             return None, label, str(path)
-        pixels = torch.from_numpy(np.array(center_crop_arr(image, self.size))).permute(2, 0, 1)
-        return (pixels.float() / 255 - 0.5) / 0.5, label, str(path)
+        return torch.from_numpy(np.array(center_crop_arr(image, self.size))).permute(2, 0, 1), label, str(path)
 
 
 def keep_decoded(batch):
@@ -101,9 +120,9 @@ def keep_decoded(batch):
     )
 
 
-def encode_part(files, vae, size, batch_size, num_workers, progress):
-    """Posteriors of the images of one part and of their mirror images: records for write_shards,
-    and the paths that could not be decoded."""
+def encode_part(files, vae, size, batch_size, num_workers, progress, encoder=None):
+    """Posteriors of the images of one part and of their mirror images (and, with a REPA `encoder`,
+    the features of the images): records for write_shards, and the paths that could not be decoded."""
     loader = torch.utils.data.DataLoader(
         CroppedImages(files, size), batch_size=batch_size, num_workers=num_workers, collate_fn=keep_decoded
     )
@@ -113,21 +132,53 @@ def encode_part(files, vae, size, batch_size, num_workers, progress):
         progress.update(len(labels) + len(failed))
         if images is None:
             continue
-        mean, std = encode(vae, torch.cat([images, images.flip(-1)]))  # the flip of the official RandomHorizontalFlip
+        pixels = (images.float() / 255 - 0.5) / 0.5  # [-1, 1]: Normalize(0.5, 0.5) of the official code
+        mean, std = encode(vae, torch.cat([pixels, pixels.flip(-1)]))  # the flip of the official RandomHorizontalFlip
         n = len(images)
         posterior = torch.stack([torch.stack([mean[:n], std[:n]], 1), torch.stack([mean[n:], std[n:]], 1)], 1)
-        records += zip(labels.tolist(), posterior.half().cpu().numpy())
+        if encoder is None:
+            records += zip(labels.tolist(), posterior.half().cpu().numpy())
+        else:  # the unflipped image only: a flipped draw mirrors its tokens (dit.data.datamodule.sample_latents)
+            features = encoder.features(images.to(encoder.mean.device)).half().cpu().numpy()
+            records += zip(labels.tolist(), posterior.half().cpu().numpy(), features)
     return records, skipped
+
+
+def check_finished_parts(part_dirs, features, out_dir):
+    """Before encoding: the parts an earlier run finished were written with the REPA features this
+    run asks for (or, like it, without), else a resumed run would mix two record layouts."""
+    done = next((d for d in part_dirs if (d / META_FILE).exists()), None)
+    if done is None:
+        return
+    written = json.loads((done / META_FILE).read_text()).get("features")
+    written = written and {k: written.get(k) for k in ("encoder", "weights")}
+    if written != features:
+
+        def said(f):
+            return f"--repa-encoder {f['encoder']} (weights: {f['weights']})" if f else "no --repa-encoder"
+
+        raise UsageError(
+            f"{done} was written with {said(written)}, this run asks for {said(features)}; rerun with the same "
+            f"arguments, or delete {out_dir / 'parts'} to start over"
+        )
 
 
 def merge_parts(out_dir, part_dirs):
     """Link (or copy, across file systems) every part's chunk files into out_dir under one index.json
     — what litdata.merge_datasets does with copies — then write meta.json, the mark of a finished
     folder. Two ranks merging at once write the same files, each by an atomic rename."""
-    chunks, config, skipped = [], None, []
+    chunks, config, skipped, first = [], None, [], None
     for part in part_dirs:
         meta = json.loads((part / META_FILE).read_text())
         skipped += meta.pop("skipped")
+        # what the records hold; not `source`, which another node may mount elsewhere
+        settings = {k: v for k, v in meta.items() if k not in ("num_samples", "source")}
+        first = first or (part, settings)
+        if settings != first[1]:  # e.g. a run resumed with another --repa-encoder: records of two layouts
+            raise UsageError(
+                f"{part} was written with other settings than {first[0]} ({part_difference(first[1], settings)}); "
+                f"delete the parts of the wrong settings from {out_dir / 'parts'} and rerun with the right ones"
+            )
         if not meta["num_samples"]:
             continue  # nothing in it could be decoded
         index = json.loads((part / "index.json").read_text())
@@ -156,6 +207,22 @@ def merge_parts(out_dir, part_dirs):
     return meta
 
 
+def part_difference(a, b):
+    """The meta.json keys two parts disagree on, with both values."""
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+
+
+def features_setting(encoder_name, weights):
+    """What meta.json records of the REPA features asked for (None: no features), before any is computed."""
+    if encoder_name is None:
+        return None
+    if weights is None:
+        weights = ENCODERS[encoder_name].hub_id
+    elif weights != "random":
+        weights = str(Path(weights).resolve())
+    return dict(encoder=encoder_name, weights=weights)
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image_dir", help="an ImageNet-style folder: <class>/<image>")
@@ -172,11 +239,26 @@ def main(argv=None):
         "--part-size", type=int, default=10_000, help="images per part, the unit of work split and resume"
     )
     parser.add_argument("--num-workers", type=int, default=8, help="image-decoding processes per rank")
+    parser.add_argument(
+        "--repa-encoder",
+        choices=list(ENCODERS),
+        help="also store this frozen encoder's patch tokens of each image, for REPA (data.features=true); "
+        "REPA's default is dinov2_vitb14",
+    )
+    parser.add_argument(
+        "--repa-encoder-weights",
+        help="a local .safetensors/.pth state dict of the encoder instead of the Hugging Face hub's; "
+        "'random': a randomly initialised encoder, for tests only",
+    )
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 8:
         raise UsageError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples 8×)")
     if args.batch_size <= 0 or args.part_size <= 0:
         raise UsageError("--batch-size and --part-size must be positive")
+    if args.repa_encoder_weights is not None and args.repa_encoder is None:
+        raise UsageError("--repa-encoder-weights needs --repa-encoder (the encoder whose weights they are)")
+    if args.repa_encoder is not None:
+        encoder_input_size(args.resolution)  # a multiple of 16, or one line naming --resolution
 
     out_dir = Path(args.out_dir)
     if (out_dir / META_FILE).exists():
@@ -196,13 +278,26 @@ def main(argv=None):
     parts_root = out_dir / "parts"
     part_dirs = [parts_root / f"part_{p:05d}" for p in range(num_parts)]
     todo = [p for p in range(rank, num_parts, world) if not part_dirs[p].exists()]
+    check_finished_parts(part_dirs, features_setting(args.repa_encoder, args.repa_encoder_weights), out_dir)
     print(
         f"rank {rank}/{world}: {len(files)} images of {len(classes)} classes in {num_parts} parts; "
         f"{len(todo)} of this rank's {len(range(rank, num_parts, world))} parts to encode on {device}"
     )
 
     if todo:
-        vae = load_vae(args.vae, device, torch.bfloat16 if args.precision == "bf16-true" else torch.float32)
+        dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
+        vae = load_vae(args.vae, device, dtype)
+        encoder = None
+        if args.repa_encoder is not None:
+            weights = args.repa_encoder_weights
+            encoder = load_encoder(
+                args.repa_encoder,
+                pretrained=weights != "random",
+                device=device,
+                resolution=args.resolution,
+                weights=None if weights in (None, "random") else weights,
+                dtype=dtype,
+            )
         meta = dict(
             channels=vae.config.latent_channels,
             latent_size=args.resolution // 2 ** (len(vae.config.block_out_channels) - 1),
@@ -213,6 +308,13 @@ def main(argv=None):
             precision=args.precision,
             classes=classes,
         )
+        if encoder is not None:
+            meta["features"] = dict(
+                features_setting(args.repa_encoder, args.repa_encoder_weights),
+                tokens=encoder.tokens,
+                dim=encoder.dim,
+                resolution=encoder.input_size,  # the encoder's input side (REPA: 224 for 256-px images)
+            )
     total = sum(len(files[p * args.part_size : (p + 1) * args.part_size]) for p in todo)
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc=f"rank {rank}") as progress:
@@ -224,6 +326,7 @@ def main(argv=None):
                 args.batch_size,
                 args.num_workers,
                 progress,
+                encoder,
             )
             tmp = part_dirs[p].with_name(part_dirs[p].name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run

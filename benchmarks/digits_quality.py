@@ -1,0 +1,44 @@
+"""The digits check of a trained quickstart at several guidance scales: the share of 50 samples per
+digit that the quickstart's classifier (an SVM fitted on the real digits) labels as the digit asked
+for, and their Fréchet distance to the real digits in pixel space (dit.data.digits). The same draws as
+the run's own final check (batch 0 of seed 0), with the run's sampler unless `sampler=` is given.
+
+    python benchmarks/digits_quality.py outputs/quickstart/checkpoints/last.ckpt --scales 1 4
+    python benchmarks/digits_quality.py outputs/flow/checkpoints/last.ckpt sampler=heun sampler.steps=25
+"""
+
+import argparse
+
+import torch
+
+from dit.config import build, sampler_from
+from dit.data.digits import classify, digit_classifier, pixel_frechet_distance
+from dit.diffusion import batch_generator, draw
+from dit.evaluation.sample import load_model
+from dit.training.checkpoints import load_weights_file
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="sampler=...")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--samples-per-class", type=int, default=50)
+    args = p.parse_intermixed_args()
+    model = load_model(args.checkpoint)[0]
+    recorded = load_weights_file(args.checkpoint)["config"]["module"]["sampler"]
+    sampler = sampler_from(args.overrides) if args.overrides else build(recorded, "sampler")
+    classifier = digit_classifier()
+    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    for scale in args.scales:
+        with torch.no_grad():
+            samples = draw(model, sampler, model.diffusion_options, labels, batch_generator(0, 0, "cpu"), scale)
+        accuracy = float((classify(samples, classifier) == labels.numpy()).mean())
+        print(
+            f"{args.checkpoint}: {sampler!r}, {sampler.nfe} evaluations, guidance {scale}: "
+            f"digit accuracy {accuracy:.1%}, pixel-space Fréchet distance {pixel_frechet_distance(samples):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -77,7 +77,7 @@ def test_repa_refuses_what_it_cannot_align():
 def test_the_projector_trains_with_the_model_but_is_not_exported(tmp_path):
     from functools import partial
 
-    from dit.diffusion import DDPM
+    from dit.diffusion import Euler
     from dit.models import backbone_state_dict
     from dit.training.module import DiTModule
 
@@ -86,7 +86,7 @@ def test_the_projector_trains_with_the_model_but_is_not_exported(tmp_path):
         optimizer=partial(torch.optim.AdamW, lr=1e-4),
         diffusion={},
         objective=REPA(depth=1, encoder_dim=8, projector_dim=16),
-        sampler=DDPM(),
+        sampler=Euler(),
         sampling=dict(guidance_scale=1.0, guidance="auto", seed=0),
         compile=False,
     )

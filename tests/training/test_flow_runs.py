@@ -70,7 +70,7 @@ def test_a_flow_export_keeps_its_objective_and_refuses_a_gaussian_sampler(flow_r
     exported = export([str(flow_run / "checkpoints" / "last.ckpt"), str(tmp_path / "flow.pt")])
     model = load_model(exported)[0]
     assert model.diffusion_options == {"path": "linear", "prediction": "velocity"}
-    with pytest.raises(UsageError, match="trained by flow matching .*use sampler=euler, heun, dopri5 or sde"):
+    with pytest.raises(UsageError, match="learns a flow .*use sampler=euler, heun, dopri5 or sde"):
         sample([str(exported), str(tmp_path / "ddpm"), "--num-samples", "4", "sampler=ddpm", "sampler.steps=5"])
 
 
@@ -119,3 +119,15 @@ def test_a_repa_run_trains_its_projector_on_the_shards_features(tmp_path):
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert any(k.startswith("objective_modules.projector.") for k in checkpoint["state_dict"])
     assert not any("projector" in k for k in export(checkpoint, "last.ckpt")["ema"])
+
+
+def test_a_flow_objective_with_a_gaussian_sampler_is_refused_before_training(tmp_path, digits_dir, capsys):
+    import train
+    from conftest import one_line_error
+
+    cfg = quick_cfg(tmp_path, digits_dir, "objective=flow", "trainer.max_steps=2")
+    with pytest.raises(SystemExit) as exited:
+        train.main(cfg)
+    assert exited.value.code == 2
+    one_line_error(capsys.readouterr().err, "sampler DDPM steps the Gaussian diffusion", "use sampler=euler, heun")
+    assert not (tmp_path / "checkpoints").exists()

@@ -45,8 +45,8 @@ class FlowSampler(Sampler):
     def process(self, diffusion_options: dict) -> FlowProcess:
         if not is_flow(diffusion_options):
             raise UsageError(
-                f"sampler {type(self).__name__} integrates a flow, but this model was trained on the Gaussian "
-                "diffusion (objective=hybrid or eps_mse); use sampler=ddpm or ddim"
+                f"sampler {type(self).__name__} integrates a flow, but this model learns the Gaussian diffusion "
+                "(objective=hybrid or eps_mse): use sampler=ddpm or ddim"
             )
         key = tuple(sorted(diffusion_options.items()))
         if key not in self._processes:

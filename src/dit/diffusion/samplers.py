@@ -57,8 +57,8 @@ class Sampler:
         """The training diffusion (`create_diffusion`'s keywords) respaced to `steps`, built once."""
         if is_flow(diffusion_options):
             raise UsageError(
-                f"sampler {type(self).__name__} steps the Gaussian diffusion, but this model was trained by flow "
-                f"matching ({diffusion_options['path']} path); use sampler=euler, heun, dopri5 or sde"
+                f"sampler {type(self).__name__} steps the Gaussian diffusion, but this model learns a flow "
+                f"(objective=flow, {diffusion_options['path']} path): use sampler=euler, heun, dopri5 or sde"
             )
         key = tuple(sorted((k, v) for k, v in diffusion_options.items() if k != "timestep_respacing"))
         if key not in self._processes:

@@ -97,7 +97,10 @@ class FIDMonitor(Callback):
         fid = trainer.strategy.broadcast(self.measure(trainer, pl_module), src=0)
         self.best = min(self.best, fid)
         if trainer.is_global_zero:
-            print(f"step {trainer.global_step}: FID {fid:.2f} on {self.num_samples} EMA samples (best {self.best:.2f})")
+            print(
+                f"step {trainer.global_step}: FID {fid:.2f} on {self.num_samples} EMA samples (best {self.best:.2f}; "
+                f"{self.sampler!r}, {self.sampler.nfe} function evaluations, guidance {self.guidance_scale})"
+            )
             for logger in trainer.loggers:
                 logger.log_metrics({"val/fid": fid, "val/fid_best": self.best}, step=trainer.global_step)
 

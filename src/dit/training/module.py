@@ -77,6 +77,9 @@ class DiTModule(LightningModule):
         # with the model, never exported with it.
         self.objective_modules = objective.build_modules(model)
         self.sampler = sampler
+        sampler.process(
+            self.diffusion_options
+        )  # a sampler of the other kind of process: refused now, not at the first grid
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
         self._grid = []

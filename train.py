@@ -276,6 +276,7 @@ def fit(cfg, out, run_config, summary, lock):
     del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
+    module.check_data(datamodule)
     module.run_config = run_config
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = []

@@ -131,3 +131,22 @@ def test_a_flow_objective_with_a_gaussian_sampler_is_refused_before_training(tmp
     assert exited.value.code == 2
     one_line_error(capsys.readouterr().err, "sampler DDPM steps the Gaussian diffusion", "use sampler=euler, heun")
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["module.sampling.guidance_interval=[0.8,0.2]"], "module.sampling: guidance interval [0.8, 0.2]"),
+        (["module.sampling.guidance=first3"], "module.sampling: unknown guidance variant 'first3'"),
+        (["objective=repa", "objective.depth=2"], "set data.features=true"),
+    ],
+)
+def test_bad_modern_settings_are_refused_before_the_first_step(overrides, message, tmp_path, digits_dir, capsys):
+    import train
+    from conftest import one_line_error
+
+    cfg = quick_cfg(tmp_path, digits_dir, "objective=flow", "sampler=heun", *overrides)
+    with pytest.raises(SystemExit):
+        train.main(cfg)
+    one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "checkpoints").exists()

@@ -59,15 +59,9 @@ class Guidance:
     """
 
     def __init__(self, model, scale: float = 1.0, variant: str = "official", interval=(0.0, 1.0)):
-        low, high = (float(v) for v in interval)
-        if not 0 <= low <= high <= 1:
-            raise UsageError(
-                f"guidance interval [{low}, {high}]: it must satisfy 0 <= low <= high <= 1 "
-                "(times run from 0, the data, to 1, the noise)"
-            )
         self.model = model
         self.scale = scale
-        self.interval = (low, high)
+        self.interval = check_guidance(variant, interval)
         self._guided = guided(model, scale, variant)
         self.nfe = 0
         self.guided_nfe = 0
@@ -82,6 +76,23 @@ class Guidance:
             return fn(x, t, **model_kwargs)
 
         return evaluate
+
+
+def check_guidance(variant: str, interval, where: str = "guidance") -> tuple[float, float]:
+    """The interval as floats, once variant and interval are known to be valid (`where` names the
+    config keys in the message: a run refuses them before its first step, not at its first grid)."""
+    if variant not in GUIDANCE_VARIANTS:
+        raise UsageError(f"{where}: unknown guidance variant {variant!r}; choose one of {', '.join(GUIDANCE_VARIANTS)}")
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: the guidance interval must be two numbers [low, high], got {interval!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise UsageError(
+            f"{where}: guidance interval [{low}, {high}]: it must satisfy 0 <= low <= high <= 1 "
+            "(times run from 0, the data, to 1, the noise)"
+        )
+    return low, high
 
 
 def as_guidance(model) -> Guidance:

@@ -189,6 +189,8 @@ class REPA(FlowMatching):
         The flow's settings as FlowMatching (REPA: linear path, velocity, uniform t).
     """
 
+    needs_features = True  # DiTModule refuses data without them before the first step
+
     def __init__(
         self,
         weight: float = 0.5,
@@ -224,6 +226,16 @@ class REPA(FlowMatching):
         )
         return nn.ModuleDict({"projector": projector})
 
+    def check_features(self, shape: tuple[int, int], model) -> None:
+        """Features of `shape` (tokens, width) fit the model's token grid and `encoder_dim`."""
+        tokens = (model.input_size // model.patch_size) ** 2
+        if tuple(shape) != (tokens, self.encoder_dim):
+            raise UsageError(
+                f"objective=repa aligns {tokens} tokens to features of shape {tuple(shape)}, but needs {tokens} "
+                f"tokens of width objective.encoder_dim={self.encoder_dim}: use a model whose token grid matches the "
+                "encoder's patches (REPA: /2 models at 256 px, DINOv2 at 224) and the encoder's width"
+            )
+
     def losses(self, model, process, x_start, t, model_kwargs, noise, extras=None):
         features = (extras or {}).get("features")
         if features is None:
@@ -234,12 +246,7 @@ class REPA(FlowMatching):
         x_t = process.interpolate(x_start, noise, t)
         output, tokens = model(x_t, t, **(model_kwargs or {}), tokens_after=self.depth)
         mse = mean_flat((output[:, : x_start.shape[1]] - process.target(x_start, noise, t)) ** 2)
-        if tokens.shape[1] != features.shape[1] or features.shape[2] != self.encoder_dim:
-            raise UsageError(
-                f"objective=repa aligns {tokens.shape[1]} tokens to features of shape {tuple(features.shape[1:])}, "
-                f"but needs {tokens.shape[1]} tokens of width objective.encoder_dim={self.encoder_dim}: use a "
-                "model whose token grid matches the encoder's patches (REPA: /2 models at 256 px, DINOv2 at 224)"
-            )
+        self.check_features(tuple(features.shape[1:]), model)  # shapes only: free under compile
         projected = extras["modules"]["projector"](tokens)
         alignment = -(F.normalize(projected, dim=-1) * F.normalize(features.to(projected.dtype), dim=-1)).sum(-1)
         alignment = alignment.mean(dim=1)

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import WandbLogger
 from dit.data.decoding import make_decoder
 from dit.data.vae import to_uint8
 from dit.diffusion import batch_generator, draw
+from dit.diffusion.guidance import check_guidance
 from dit.evaluation.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
 from dit.platform.compat import averaged_model
 
@@ -64,7 +65,7 @@ class FIDMonitor(Callback):
         self.sampler = sampler
         self.guidance_scale = guidance_scale
         self.guidance = guidance
-        self.guidance_interval = tuple(guidance_interval)
+        self.guidance_interval = check_guidance(guidance, guidance_interval, "callbacks.fid")
         self.vae_name = vae
         self.batch_size = batch_size
         self.seed = seed

@@ -18,6 +18,7 @@ from lightning import LightningModule
 
 from dit.data.decoding import make_decoder
 from dit.diffusion import Objective, Sampler, draw
+from dit.diffusion.guidance import check_guidance
 from dit.diffusion.sampling import batch_generator
 from dit.errors import UsageError
 from dit.evaluation.images import make_grid, save_png
@@ -77,15 +78,34 @@ class DiTModule(LightningModule):
         # with the model, never exported with it.
         self.objective_modules = objective.build_modules(model)
         self.sampler = sampler
-        sampler.process(
-            self.diffusion_options
-        )  # a sampler of the other kind of process: refused now, not at the first grid
+        # Refused now, not at the first grid: a sampler of the other kind of process, bad guidance.
+        sampler.process(self.diffusion_options)
+        check_guidance(sampling["guidance"], sampling.get("guidance_interval", (0.0, 1.0)), "module.sampling")
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
         self._grid = []
         self._compiled = False
 
+    def check_data(self, datamodule) -> None:
+        """An objective that aligns to encoder features (REPA) gets data that carry them, of a shape
+        it can align (train.py calls this before anything is written; `setup` again, once the shards'
+        meta.json has been read)."""
+        features = getattr(datamodule, "features", None)
+        if getattr(self.objective, "needs_features", False) and features is False:
+            raise UsageError(
+                "the objective aligns to encoder features, but the data carry none: set data.features=true on "
+                "shards extracted with python -m dit.extract --repa-encoder"
+            )
+        if (
+            features
+            and getattr(datamodule, "feature_shape", None) is not None
+            and hasattr(self.objective, "check_features")
+        ):
+            self.objective.check_features(datamodule.feature_shape, self.model)
+
     def setup(self, stage):
+        if stage == "fit":
+            self.check_data(self.trainer.datamodule)
         if stage != "fit" or self._compiled:  # Lightning calls setup for each fit/validate/test
             return
         compile = self.hparams.compile

@@ -242,3 +242,34 @@ def test_the_run_pickles_for_the_xla_launchers_worker_processes(tmp_path, digits
     assert trainer.strategy.num_processes == 2 and fn.__self__.__class__.__name__ == "_XLALauncher"
     ema = next(c for c in trainer.callbacks if type(c).__name__ == "XLAWeightAveraging")
     assert ema._kwargs["multi_avg_fn"].decay == 0.995  # quickstart's decay came through
+
+
+def test_flow_samplers_under_xla_compile_graphs_that_do_not_grow_with_the_steps():
+    """Heun on a fixed grid reads each step's times from a rolled device tensor: the same numbers as
+    the CPU, and as many compiled graphs for 8 steps as for 4, with or without a guidance interval;
+    dopri5 is refused in one line."""
+    from dit.diffusion import Dopri5, Guidance, Heun
+    from dit.errors import UsageError
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    on_xla = DiT(input_size=8, in_channels=1, num_classes=10, depth=1, hidden_size=32, num_heads=2).eval()
+    on_xla.load_state_dict(model.state_dict())
+    on_xla.to(DEVICE)
+    y, z = torch.arange(4), torch.randn(4, 1, 8, 8)
+    flow = dict(path="linear", prediction="velocity")
+    for interval in ((0.0, 1.0), (0.0, 0.5)):
+        cpu = Heun(steps=4).sample(Guidance(model, 3.0, "all_channels", interval), z, flow, dict(y=y))
+        compiled = {}
+        for steps in (4, 8):
+            before = count()
+            guided_xla = Guidance(on_xla, 3.0, "all_channels", interval)
+            out = Heun(steps=steps).sample(guided_xla, z.to(DEVICE), flow, dict(y=y.to(DEVICE))).cpu()
+            compiled[steps] = count() - before
+            if steps == 4:
+                torch.testing.assert_close(out, cpu, atol=1e-4, rtol=1e-4)
+        assert compiled[8] <= compiled[4] <= 6, (interval, compiled)
+    with pytest.raises(UsageError, match="sampler=dopri5 .* on a TPU use sampler=euler or heun"):
+        Dopri5().sample(on_xla, z.to(DEVICE), flow, dict(y=y.to(DEVICE)))

@@ -40,8 +40,10 @@ def test_a_modern_preset_composes_counts_and_trains_a_step(preset, tmp_path):
     if preset == "repa_sit_xl2_256":
         assert (cfg.objective.weight, cfg.objective.depth, cfg.objective.encoder_dim) == (0.5, 8, 768)
         assert cfg.data.features and not cfg.data.flip and cfg.sampler.diffusion == "linear"
+        assert not cfg.model.learn_sigma  # REPA's SiT: C outputs
     if preset == "sit_xl2_256":
         assert (cfg.sampler.steps, cfg.sampler.diffusion, cfg.sampler.last_step) == (250, "sigma", "mean")
+        assert cfg.callbacks.get("fid") is None and cfg.model.learn_sigma
 
     # One step with the preset's recipe on 4-channel 8x8 latents (16 tokens, features of 768 for REPA).
     rng = np.random.default_rng(0)

@@ -119,3 +119,8 @@ def test_a_bad_guidance_interval_is_one_line():
     for bad in ((0.7, 0.2), (-0.1, 0.5), (0.0, 1.5)):
         with pytest.raises(ValueError, match="guidance interval .* 0 <= low <= high <= 1"):
             Guidance(tiny_dit(), 2.0, "official", bad)
+
+
+def test_auto_is_resolved_by_draw_not_by_guided():
+    with pytest.raises(ValueError, match="'auto' is resolved by dit.diffusion.draw"):
+        guided(tiny_dit(), 2.0, "auto")

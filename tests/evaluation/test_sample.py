@@ -20,7 +20,10 @@ from dit.models import DiT
 
 
 def run_sample(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    # Not the rendezvous of a process group an earlier test in this process set up (Lightning leaves
+    # MASTER_ADDR/MASTER_PORT in the environment): the launcher picks its own free port.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    env["PYTHONPATH"] = str(ROOT / "src")
     result = subprocess.run(
         [sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
     )

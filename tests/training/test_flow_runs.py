@@ -58,8 +58,12 @@ def test_dit_sample_draws_a_flow_checkpoint_with_its_own_kind_of_sampler(flow_ru
     assert arr.shape == (20, 8, 8, 3)
 
     heun = tmp_path / "heun"
-    sample([str(ckpt), str(heun), "--num-samples", "10", "sampler=heun", "sampler.steps=3", "--guidance-scale", "1"])
+    sample([str(ckpt), str(heun), "--num-samples", "20", "sampler=heun", "sampler.steps=3", "--guidance-scale", "1"])
     assert json.loads((heun / "manifest.json").read_text())["nfe"] == 6
+    # the balanced folder's grid has the 8 columns of a random one, not one per class
+    from PIL import Image
+
+    assert Image.open(f"{out}.png").size == Image.open(f"{heun}.png").size
 
 
 def test_a_flow_export_keeps_its_objective_and_refuses_a_gaussian_sampler(flow_run, tmp_path):
@@ -150,3 +154,27 @@ def test_bad_modern_settings_are_refused_before_the_first_step(overrides, messag
         train.main(cfg)
     one_line_error(capsys.readouterr().err, message)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_balanced_labels_give_each_class_exactly_its_share():
+    from dit.diffusion import batch_generator, batch_labels
+
+    labels = torch.cat(
+        [batch_labels(torch.arange(k * 7, min((k + 1) * 7, 30)), list(range(10)), 10, batch_generator(0, k, "cpu"))
+         for k in range(5)]
+    )  # fmt: skip
+    assert torch.bincount(labels, minlength=10).tolist() == [3] * 10
+
+
+def test_a_sample_folder_from_before_the_interval_and_labels_keys_is_resumed(tmp_path):
+    """A folder whose manifest lacks guidance_interval and labels was drawn with guidance everywhere
+    and random labels (or its --classes): the same identity, so a rerun extends it."""
+    from dit.evaluation.sample import check_sample_folder
+    from dit.training.manifest import write_manifest
+
+    now = dict(guidance_scale=1.5, classes=[], guidance_interval=[0.0, 1.0], labels="random")
+    write_manifest(tmp_path, dict(kind="samples", identity=dict(guidance_scale=1.5, classes=[])))
+    (tmp_path / "000000.png").write_bytes(b"")
+    check_sample_folder(tmp_path, now, overwrite=False, rank=0)  # accepted
+    with pytest.raises(UsageError, match="guidance_interval"):
+        check_sample_folder(tmp_path, now | dict(guidance_interval=[0.0, 0.7]), overwrite=False, rank=0)

@@ -12,3 +12,11 @@ def test_a_checkpoint_without_the_block_options_trained_the_papers_block():
     assert changed_keys(run_identity(before), run_identity(now)) == []
     now["model"]["mlp"] = "swiglu"
     assert changed_keys(run_identity(before), run_identity(now)) == ["model.mlp"]
+
+
+def test_a_checkpoint_without_data_features_read_no_features():
+    before = {"model": {"_target_": "dit.models.DiT"}, "data": {"path": "x"}}
+    now = {"model": {"_target_": "dit.models.DiT"}, "data": {"path": "x", "features": False}}
+    assert changed_keys(run_identity(before), run_identity(now)) == []
+    now["data"]["features"] = True
+    assert changed_keys(run_identity(before), run_identity(now)) == ["data.features"]

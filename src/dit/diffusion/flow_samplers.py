@@ -101,8 +101,10 @@ class Heun(FlowSampler):
 
     def step(self, process, guidance, x, t, t_next, time, time_next, model_kwargs):
         dt = (t_next - t).view(-1, *[1] * (x.ndim - 1))
-        d1 = self.velocity(process, guidance.at(time), x, t, model_kwargs)
-        d2 = self.velocity(process, guidance.at(time_next), x + dt * d1, t_next, model_kwargs)
+        # Both slopes guided or neither, as the step's start decides (REPA's euler_sampler with heun=True).
+        guided = guidance.at(time)
+        d1 = self.velocity(process, guided, x, t, model_kwargs)
+        d2 = self.velocity(process, guided, x + dt * d1, t_next, model_kwargs)
         return x + dt * 0.5 * (d1 + d2)
 
 

@@ -22,7 +22,12 @@ def guided(model: torch.nn.Module, scale: float, variant: str = "official"):
     conditional pass. Returns a callable with the model's signature (x, t, y). Scale 1 returns
     the model itself.
     """
-    if variant not in GUIDANCE_VARIANTS[1:]:
+    if variant == "auto":
+        raise UsageError(
+            "guidance variant 'auto' is resolved by dit.diffusion.draw, which knows the process (official on the "
+            "Gaussian diffusion, all_channels on a flow); give official or all_channels here"
+        )
+    if variant not in GUIDANCE_VARIANTS:
         raise UsageError(f"unknown guidance variant {variant!r}; choose one of {', '.join(GUIDANCE_VARIANTS)}")
     if scale == 1.0:
         return model

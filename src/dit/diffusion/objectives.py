@@ -224,6 +224,10 @@ class REPA(FlowMatching):
             nn.SiLU(),
             nn.Linear(self.projector_dim, self.encoder_dim),
         )
+        for layer in projector:  # as REPA's models/sit.py initialize_weights: Xavier-uniform, zero biases
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
         return nn.ModuleDict({"projector": projector})
 
     def check_features(self, shape: tuple[int, int], model) -> None:

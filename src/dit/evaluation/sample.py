@@ -16,8 +16,10 @@ reads (`arr_0`, N×H×W×3 uint8), as the official sample_ddp.py.
 Writes `<out_dir>/{index:06d}.png`, `<out_dir>.npz` and the grid `<out_dir>.png`.
 
 Labels: uniform random (`--labels random`, the official protocol), exactly N/classes of each class
-(`--labels balanced`, which lowers FID by about 0.1 at ImageNet scale: REPA 1.42 -> 1.28 as
-re-evaluated by REPA-E), or `--classes` cycled. The folder's manifest records the labels protocol,
+(`--labels balanced`; REPA-E's README re-evaluated REPA's 1.42 as 1.28 and LightningDiT's 1.35 as
+1.25 this way), or `--classes` cycled. Guidance intervals are in each process's own time, 0 the data
+and 1 the noise: a flow's t, the Gaussian diffusion's timestep / 1000, which are not the same noise
+levels. The folder's manifest records the labels protocol,
 the sampler, its function evaluations per sample (NFE), the guidance and the seed, and dit.fid's
 figures carry that record.
 
@@ -107,20 +109,27 @@ def load_model(path: str | Path, num_heads: int | None = None) -> tuple[DiT, tup
     return model.eval().requires_grad_(False), data, provenance
 
 
+def implied_identity(identity: dict) -> dict:
+    """A folder's recorded identity with the keys added since it was drawn, at the values it was
+    drawn with: guidance everywhere, and uniform random labels (or the --classes it cycled)."""
+    implied = dict(guidance_interval=[0.0, 1.0], labels="classes" if identity.get("classes") else "random")
+    return implied | identity
+
+
 def check_sample_folder(out_dir, identity, overwrite, rank):
     """A sample folder holds the samples of one set of weights and sampler settings (its
     manifest.json), so a rerun resumes it and nothing else does: other settings are refused, or,
     with --overwrite, its PNGs are deleted (by rank 0) and drawn anew."""
     manifest = read_manifest(out_dir)
     pngs = sorted(out_dir.glob("*.png"))
-    if manifest is not None and manifest.get("identity") == identity:
+    if manifest is not None and implied_identity(manifest.get("identity") or {}) == identity:
         return
     if manifest is None and not pngs:
         return
     if manifest is None:
         why = f"holds {len(pngs)} PNGs but no manifest.json, so what drew them is unknown"
     else:
-        why = f"holds samples drawn with other settings ({differences(manifest.get('identity') or {}, identity)})"
+        why = f"holds samples drawn with other settings ({differences(implied_identity(manifest.get('identity') or {}), identity)})"
     if not overwrite:
         raise UsageError(
             f"{out_dir} {why}; sample into another folder, or pass --overwrite to delete them and draw anew"
@@ -256,7 +265,7 @@ def run(fabric, args):
         )
         # ADM's evaluator reads arr_0; the manifest rides along, for dit.fid to say what it measured.
         np.savez(f"{out_dir}.npz", arr_0=arr, manifest=np.array(json.dumps(manifest)))
-        nrow = len(classes) if classes else 8
+        nrow = len(classes) if classes and args.labels != "balanced" else 8  # balanced: all K classes
         first = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2).float() / 255
         grid = save_png(make_grid(first, nrow=nrow), f"{out_dir}.png")
         print(

@@ -97,8 +97,14 @@ def _covered(key, prefixes):
 
 
 # Keys added to the config after runs were made without them, with the value those runs had: a
-# checkpoint that lacks one trained with this value (the paper's block: dit.models.BLOCK_DEFAULTS).
-IMPLIED_KEYS = {"model.rope": False, "model.mlp": "gelu", "model.norm": "layernorm", "model.qk_norm": False}
+# checkpoint that lacks one trained with this value (the paper's block, dit.models.BLOCK_DEFAULTS; no features).
+IMPLIED_KEYS = {
+    "model.rope": False,
+    "model.mlp": "gelu",
+    "model.norm": "layernorm",
+    "model.qk_norm": False,
+    "data.features": False,  # batches of (x, y): no encoder features
+}
 
 
 def run_identity(config):

@@ -26,6 +26,16 @@ ONE_LINE_ERRORS = (
 USAGE_EXIT_CODE = 2  # as argparse's own usage errors
 
 
+def number(key: str, value) -> float:
+    """A config value that must be a number, as a float; anything else is one UsageError naming `key`."""
+    if isinstance(value, bool):
+        raise UsageError(f"{key}={value!r}; give a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{key}={value!r}; give a number") from None
+
+
 def exit_on_usage_error(main):
     """Run a tool's `main()`; a usage error ends it with one line on stderr."""
     try:

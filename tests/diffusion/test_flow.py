@@ -190,6 +190,11 @@ def test_samplers_refuse_the_other_process_and_bad_settings():
         (lambda: Heun(steps=0), "sampler.steps"),
         (lambda: EulerMaruyama(diffusion="big"), "sampler.diffusion"),
         (lambda: EulerMaruyama(last_step="median"), "sampler.last_step"),
+        (lambda: Heun(steps="abc"), "sampler.steps='abc'; a flow sampler takes a whole number"),
+        (lambda: Heun(shift="x"), "sampler.shift='x'; give a number"),
+        (lambda: Dopri5(rtol="abc"), "sampler.rtol='abc'; give a number"),
+        (lambda: EulerMaruyama(last_step_size="a"), "sampler.last_step_size='a'; give a number"),
+        (lambda: FlowMatching(lognormal_std="wide"), "objective.lognormal_std='wide'; give a number"),
     ):
         with pytest.raises(UsageError, match=match):
             bad()

@@ -20,9 +20,11 @@ from dit.models import DiT
 
 
 def run_sample(*args):
-    # Not the rendezvous of a process group an earlier test in this process set up (Lightning leaves
-    # MASTER_ADDR/MASTER_PORT in the environment): the launcher picks its own free port.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    # Not the process group an earlier test in this process set up: Lightning leaves MASTER_PORT,
+    # LOCAL_RANK, ... in the environment, and a child that sees LOCAL_RANK takes itself for a rank
+    # already launched (it never starts rank 1, and waits for it).
+    launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
     env["PYTHONPATH"] = str(ROOT / "src")
     result = subprocess.run(
         [sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True, text=True, timeout=300

@@ -20,8 +20,14 @@ from tqdm.auto import tqdm
 from dit.diffusion.flow import SAMPLE_EPS, FlowProcess, is_flow, shift_time
 from dit.diffusion.guidance import as_guidance
 from dit.diffusion.samplers import Sampler
-from dit.errors import UsageError
+from dit.errors import UsageError, number
 from dit.platform.xla_ops import end_step
+
+
+def whole_steps(steps) -> int:
+    if isinstance(steps, bool) or not str(steps).isdigit():
+        raise UsageError(f"sampler.steps={steps!r}; a flow sampler takes a whole number of steps")
+    return int(steps)
 
 
 class FlowSampler(Sampler):
@@ -34,8 +40,10 @@ class FlowSampler(Sampler):
 
     def __init__(self, steps: int = 50, shift: float = 1.0):
         super().__init__(steps)
-        if int(steps) < 1:
+        steps = whole_steps(steps)
+        if steps < 1:
             raise UsageError(f"sampler.steps={steps}; a flow sampler needs at least 1 step")
+        shift = number("sampler.shift", shift)
         if not shift > 0:
             raise UsageError(f"sampler.shift={shift}; the timestep shift must be positive (1: none)")
         self.steps = int(steps)
@@ -116,7 +124,7 @@ class Dopri5(FlowSampler):
     def __init__(self, atol: float = 1e-6, rtol: float = 1e-3):
         super().__init__(steps=1)
         del self.steps, self.shift
-        self.atol, self.rtol = atol, rtol
+        self.atol, self.rtol = number("sampler.atol", atol), number("sampler.rtol", rtol)
 
     def integrate(self, process, guidance, x, model_kwargs, generator, progress):
         if x.device.type == "xla":
@@ -184,12 +192,14 @@ class EulerMaruyama(FlowSampler):
         last_step_size: float = 0.04,
         shift: float = 1.0,
     ):
-        if int(steps) < 2:
+        if whole_steps(steps) < 2:
             raise UsageError(f"sampler.steps={steps}; the SDE sampler needs at least 2")
         if diffusion not in DIFFUSION_FORMS:
             raise UsageError(f"sampler.diffusion={diffusion!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
         if last_step not in LAST_STEPS:
             raise UsageError(f"sampler.last_step={last_step!r}; choose mean, tweedie, euler or null")
+        last_step_size = number("sampler.last_step_size", last_step_size)
+        diffusion_norm = number("sampler.diffusion_norm", diffusion_norm)
         if last_step is not None and not 0 < last_step_size < 1:
             raise UsageError(f"sampler.last_step_size={last_step_size}; it must lie in (0, 1)")
         super().__init__(steps, shift)

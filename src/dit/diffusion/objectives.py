@@ -26,7 +26,7 @@ from dit.diffusion.process import (
     mean_flat,
     normal_kl,
 )
-from dit.errors import UsageError
+from dit.errors import UsageError, number
 
 TIME_SAMPLINGS = ("uniform", "lognormal")
 
@@ -42,6 +42,11 @@ class Objective:
     def process_options(self, diffusion: dict) -> dict:
         """What a sampler needs to rebuild this process (checkpoints record it): `make_process`'s input."""
         return {k: v for k, v in diffusion.items() if k != "timestep_respacing"}
+
+    needs_features = False  # whether the batches must carry encoder features (REPA)
+
+    def check_features(self, shape: tuple[int, int], model) -> None:
+        """Refuse features of `shape` (tokens, width) that this objective cannot use; none are used here."""
 
     def build_modules(self, model) -> nn.Module | None:
         """Trainable modules of the objective itself (REPA's projector), trained and checkpointed with
@@ -141,6 +146,11 @@ class FlowMatching(Objective):
     ):
         if time_sampling not in TIME_SAMPLINGS:
             raise UsageError(f"objective.time_sampling={time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+        shift = number("objective.shift", shift)
+        lognormal_mean, lognormal_std = (
+            number("objective.lognormal_mean", lognormal_mean),
+            number("objective.lognormal_std", lognormal_std),
+        )
         if not shift > 0:
             raise UsageError(f"objective.shift={shift}; the timestep shift must be positive (1: none)")
         self._process = FlowProcess(path, prediction)  # checks path and prediction
@@ -165,13 +175,16 @@ class FlowMatching(Objective):
 
     def losses(self, model, process, x_start, t, model_kwargs, noise, extras=None):
         x_t = process.interpolate(x_start, noise, t)
-        output = process.output(model, x_t, t, model_kwargs or {})
+        mse = self.regression(process, process.output(model, x_t, t, model_kwargs or {}), x_start, noise, t)
+        return {"loss": mse, "mse": mse}
+
+    @staticmethod
+    def regression(process, output, x_start, noise, t):
+        """The per-sample squared error of the network's prediction (its first C channels)."""
         if process.prediction == "score":
             sigma = process.coefficients(t, x_start)[1]
-            mse = mean_flat((sigma * output + noise) ** 2)
-        else:
-            mse = mean_flat((output - process.target(x_start, noise, t)) ** 2)
-        return {"loss": mse, "mse": mse}
+            return mean_flat((sigma * output + noise) ** 2)
+        return mean_flat((output - process.target(x_start, noise, t)) ** 2)
 
 
 class REPA(FlowMatching):
@@ -186,10 +199,10 @@ class REPA(FlowMatching):
         depth: the block whose output tokens are aligned (REPA: 8 for SiT-XL/2, the 8th of 28).
         encoder_dim: the encoder's feature width (DINOv2 ViT-B/14: 768).
         projector_dim: the MLP's hidden width (REPA: 2048; 3 linears with SiLU, REPA models/sit.py build_mlp).
-        The flow's settings as FlowMatching (REPA: linear path, velocity, uniform t).
+        flow: FlowMatching's settings (REPA: linear path, velocity, uniform t).
     """
 
-    needs_features = True  # DiTModule refuses data without them before the first step
+    needs_features = True  # DiTModule.check_data refuses data without them before the first step
 
     def __init__(
         self,
@@ -197,14 +210,9 @@ class REPA(FlowMatching):
         depth: int = 8,
         encoder_dim: int = 768,
         projector_dim: int = 2048,
-        path: str = "linear",
-        prediction: str = "velocity",
-        time_sampling: str = "uniform",
-        lognormal_mean: float = 0.0,
-        lognormal_std: float = 1.0,
-        shift: float = 1.0,
+        **flow,
     ):
-        super().__init__(path, prediction, time_sampling, lognormal_mean, lognormal_std, shift)
+        super().__init__(**flow)
         if depth < 1:
             raise UsageError(f"objective.depth={depth}; the aligned block is counted from 1")
         self.weight, self.depth = weight, depth
@@ -249,7 +257,7 @@ class REPA(FlowMatching):
             )
         x_t = process.interpolate(x_start, noise, t)
         output, tokens = model(x_t, t, **(model_kwargs or {}), tokens_after=self.depth)
-        mse = mean_flat((output[:, : x_start.shape[1]] - process.target(x_start, noise, t)) ** 2)
+        mse = self.regression(process, output[:, : x_start.shape[1]], x_start, noise, t)
         self.check_features(tuple(features.shape[1:]), model)  # shapes only: free under compile
         projected = extras["modules"]["projector"](tokens)
         alignment = -(F.normalize(projected, dim=-1) * F.normalize(features.to(projected.dtype), dim=-1)).sum(-1)

@@ -133,7 +133,15 @@ class GaussianDiffusion(nn.Module):
     `timestep_map[k]` is the original index of the k-th kept step.
     """
 
-    def __init__(self, betas, timestep_map=None, learn_sigma=True, sigma_small=False, predict_xstart=False):
+    def __init__(
+        self,
+        betas,
+        timestep_map=None,
+        learn_sigma=True,
+        sigma_small=False,
+        predict_xstart=False,
+        original_num_steps=None,
+    ):
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         self.num_timesteps = len(betas)
@@ -167,8 +175,10 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
         timestep_map = torch.arange(self.num_timesteps) if timestep_map is None else torch.as_tensor(timestep_map)
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
-        # The base schedule's length, for the time t/T of a kept step (create_diffusion sets it exactly).
-        self.original_num_steps = int(timestep_map.max()) + 1
+        # The time of each kept step, its original index / the base schedule's length, on the host
+        # (a guidance interval is decided there, with no device read).
+        total = original_num_steps or int(timestep_map.max()) + 1
+        self.step_times = (timestep_map.double() / total).tolist()
 
     def on_device(self, device):
         """Move the schedule to the data's device once (a no-op afterwards)."""
@@ -355,6 +365,11 @@ def create_diffusion(
     # Respacing keeps ᾱ at the kept steps and derives new β's from them (IDDPM §4.1).
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[kept]
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    diffusion = GaussianDiffusion(1 - alphas_cumprod / previous, kept, learn_sigma, sigma_small, predict_xstart)
-    diffusion.original_num_steps = diffusion_steps
-    return diffusion
+    return GaussianDiffusion(
+        1 - alphas_cumprod / previous,
+        kept,
+        learn_sigma,
+        sigma_small,
+        predict_xstart,
+        original_num_steps=diffusion_steps,
+    )

@@ -91,10 +91,7 @@ class Sampler:
 
     def loop(self, process, model, x, model_kwargs=None, generator=None, progress=False):
         guidance = as_guidance(model)
-        # The time of each kept step, for a guidance interval: its original index / the original step count.
-        times = getattr(process, "_host_times", None)  # read once, before the tables move to the device
-        if times is None:
-            times = process._host_times = (process.timestep_map.double() / process.original_num_steps).tolist()
+        times = process.step_times  # host floats, for a guidance interval
         process.on_device(x.device)
         # t is a device tensor stepped down in place of a fresh host value per step, so every step
         # runs the same graph (torch.compile, XLA) with no host-to-device copy.

@@ -62,6 +62,7 @@ from dit.config import is_override, process_options, sampler_from
 from dit.data.decoding import data_are_pixels, make_decoder
 from dit.data.vae import SCALE_FACTOR, to_uint8
 from dit.diffusion import GUIDANCE_VARIANTS, batch_generator, batch_labels, draw, is_flow
+from dit.diffusion.guidance import check_guidance
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.evaluation.images import make_grid, save_png
 from dit.models import DiT
@@ -344,6 +345,7 @@ def main(argv=None):
             f"{bad[0]!r}: after the checkpoint and the folder come sampler overrides such as sampler=ddim sampler.steps=ddim50"
         )
     parse_classes(args.classes)  # before any process starts
+    check_guidance(args.guidance, args.guidance_interval, "--guidance-interval")
     if any(o.split("=", 1)[0] == "sampler" for o in args.overrides) or not args.overrides:
         sampler_from(args.overrides)  # sampler.KEY=V alone is checked once the model says its default sampler
     if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:

@@ -90,17 +90,13 @@ class DiTModule(LightningModule):
         """An objective that aligns to encoder features (REPA) gets data that carry them, of a shape
         it can align (train.py calls this before anything is written; `setup` again, once the shards'
         meta.json has been read)."""
-        features = getattr(datamodule, "features", None)
-        if getattr(self.objective, "needs_features", False) and features is False:
+        features = getattr(datamodule, "features", None)  # None: no LatentDataModule (dit.benchmark's batches)
+        if self.objective.needs_features and features is False:
             raise UsageError(
                 "the objective aligns to encoder features, but the data carry none: set data.features=true on "
                 "shards extracted with python -m dit.extract --repa-encoder"
             )
-        if (
-            features
-            and getattr(datamodule, "feature_shape", None) is not None
-            and hasattr(self.objective, "check_features")
-        ):
+        if features and getattr(datamodule, "feature_shape", None) is not None:
             self.objective.check_features(datamodule.feature_shape, self.model)
 
     def setup(self, stage):

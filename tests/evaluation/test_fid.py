@@ -42,6 +42,25 @@ def test_frechet_distance_against_independent_computations(n, dim):
     assert fid == pytest.approx(independent_fid(x, mu_2, sigma_r), rel=1e-8)
 
 
+def test_frechet_distance_does_not_go_through_torch_fidelitys_metric(monkeypatch):
+    """torch-fidelity 0.3's FID calls scipy.linalg.sqrtm(..., disp=False), which recent SciPy refuses
+    with a TypeError (seen on the GPU machine's image); 0.4 computes it otherwise. FID here is
+    computed the same way under either."""
+    import torch_fidelity.metric_fid
+
+    def refused(*args, **kwargs):
+        raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+
+    x = np.random.default_rng(0).normal(size=(500, 64))
+    reference = statistics(torch.from_numpy(x[::-1] * 1.5))
+    expected = torch_fidelity.metric_fid.fid_statistics_to_metric(statistics(torch.from_numpy(x)), reference, False)
+    monkeypatch.setattr(torch_fidelity.metric_fid, "fid_statistics_to_metric", refused)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", refused)
+    assert frechet_distance(torch.from_numpy(x), reference) == pytest.approx(
+        expected["frechet_inception_distance"], rel=1e-9
+    )
+
+
 @pytest.mark.parametrize("n, dim", [(300, 16), (20, 64)])
 def test_identical_sets_give_zero(n, dim):
     x = (

@@ -32,6 +32,7 @@ from dit.platform.compat import replace_hydra_subprocess_command
 from dit.training.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
 from dit.training.manifest import changed_keys, differences, fixed, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
+from dit.training.run_summary import RunSummary
 
 
 def model_name(size, depth, width, patch):
@@ -138,8 +139,23 @@ NUMERIC_KNOBS = {
 }
 
 
+# What a value a config leaves to the user (`???`) is, for the one-line error that asks for it.
+REQUIRED_VALUES = {
+    "callbacks.fid.ref": "the FID reference: statistics (ADM's VIRTUAL_imagenet256_labeled.npz, or one from "
+    "python -m dit.fid --save-ref-stats), a folder of real images, or digits",
+}
+
+
 def check_config(cfg):
     """Clear, one-line errors for a wrong value and for hardware the machine does not have."""
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except Exception:  # an interpolation that does not resolve: reported by what reads it, below
+        missing = []
+    if missing:
+        key = missing[0]
+        what = f" ({REQUIRED_VALUES[key]})" if key in REQUIRED_VALUES else ""
+        raise UsageError(f"{key} needs a value{what}: add {key}=... to the command")
     for key, (kind, smallest) in NUMERIC_KNOBS.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
@@ -279,6 +295,10 @@ def fit(cfg, out, run_config, summary, lock):
     module.check_data(datamodule)
     module.run_config = run_config
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # StopCheckpoint saves last.ckpt in its step-end hook: after every other callback's, so that the
+    # checkpoint holds what they did at that step (an FID measured at the final step; Lightning moves
+    # its ModelCheckpoints after all others itself).
+    callbacks.sort(key=lambda c: isinstance(c, StopCheckpoint))
     loggers = []
     is_wandb = bool(cfg.get("logger")) and cfg.logger._target_.endswith("WandbLogger")
     wandb_id = out / "wandb_run_id"  # a resumed run logs into the same wandb run
@@ -291,29 +311,25 @@ def fit(cfg, out, run_config, summary, lock):
         loggers.append(CSVLogger(save_dir=cfg.output_dir, name="csv", flush_logs_every_n_steps=1))
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    run_id = None
     if lock is not None:
         # Before the first step rather than at the first checkpoint, hours later.
         folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
         for folder in sorted(f for f in folders if "://" not in f):
             check_writable(folder, checkpoint_bytes(summary["params"]))
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
         manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted)
         module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
+        run_id = manifest["run_id"]
+    # summary.json and the loggers' summaries: what the run is, its compute and its FID (the scaling charts read them)
+    run_summary = RunSummary(out, summary, run_config, overrides, run_id)
+    callbacks.append(run_summary)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if is_wandb and trainer.is_global_zero:
         wandb_id.write_text(loggers[0].experiment.id)
     for logger in loggers:
-        # Model name, Gflops and parameters in every run's config, for FID-vs-Gflops panels.
-        logger.log_hyperparams(
-            dict(
-                model_name=summary["name"],
-                patch=cfg.model.patch_size,
-                conditioning=summary["conditioning"],
-                gflops=summary["gflops"],
-                params=summary["params"],
-                tokens=summary["tokens"],
-            )
-        )
+        # Model name, Gflops, parameters, seed ... in every run's config, for FID-vs-Gflops panels.
+        logger.log_hyperparams(run_summary.hyperparameters())
     ddp_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:
         # weights_only=False: the run's own checkpoints also hold RNG states and its config

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,9 @@ sys.path.insert(0, str(ROOT))  # train.py lives at the root
 # Tests never reach wandb's servers, whatever login the machine has.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
+# The digits FD's classifier (dit.evaluation.digit_features) is fitted once per session, into a cache
+# of the session's own rather than the user's ~/.cache/dit.
+os.environ["DIT_CACHE"] = tempfile.mkdtemp(prefix="dit-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +160,7 @@ def datamodule(path, world=1, batch=8, **kw):
     return dm
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory, digits_dir, random_inception):
     from dit.evaluation.fid import digit_images
 
@@ -181,6 +185,8 @@ def sweep(tmp_path_factory, digits_dir, random_inception):
             "experiment=quickstart",
             f"data.path={digits_dir}",
             "patch=2,4",
+            "seed=0,1",
+            "logger=wandb",  # offline (tests/conftest.py): the sweep's charts go into a wandb run too
             "trainer.max_steps=6",
             "trainer.val_check_interval=6",
             "trainer.log_every_n_steps=2",

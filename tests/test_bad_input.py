@@ -35,6 +35,7 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         ("module.optimizer.lr=fast", "module.optimizer.lr must be a number, got 'fast'"),
         ("trainer=gpu", "no CUDA GPU is visible (torch.cuda.is_available() is False); use trainer=cpu"),
         ("trainer=tpu_v3", "this machine has no TPU; use trainer=gpu or trainer=cpu"),
+        ("callbacks=fid", "callbacks.fid.ref needs a value (the FID reference: statistics"),  # a ??? left unset
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
 )

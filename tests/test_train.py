@@ -83,7 +83,7 @@ def test_paper_recipe_is_in_the_config(tmp_path):
 def test_fast_dev_run_cpu(tmp_path, digits_dir, capsys):
     cfg = quick_cfg(tmp_path, digits_dir, "trainer=cpu", "trainer.fast_dev_run=true", "~callbacks.digits_accuracy")
     train.main(cfg)
-    assert "DiT-custom/2 (adaln_zero, 16 tokens)" in capsys.readouterr().out
+    assert "DiT-d4w128/2 (adaln_zero, 16 tokens)" in capsys.readouterr().out
     assert (tmp_path / "samples" / "step_0000001.png").exists()
 
 
@@ -140,7 +140,7 @@ def test_init_from_a_checkpoint_of_another_model(tmp_path, digits_dir):
     other = DiT(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4, patch_size=4)
     torch.save(other.state_dict(), tmp_path / "other.pt")
     cfg = quick_cfg(tmp_path, digits_dir, f"module.init_from={tmp_path / 'other.pt'}")
-    with pytest.raises(Exception, match="holds DiT-custom/4 .* but the model is DiT-custom/2"):
+    with pytest.raises(Exception, match="holds DiT-d2w64/4 .* but the model is DiT-d4w128/2"):
         instantiate(cfg.module, _convert_="all")
 
 
@@ -181,7 +181,7 @@ def test_multirun_of_two_jobs_with_wandb_and_a_failing_job(tmp_path, digits_dir)
     assert "patch=3" in result.stderr.split("jobs of the sweep failed:")[1]
     jobs = sorted((tmp_path / "sweep").iterdir())
     assert [j.name for j in jobs if j.is_dir()] == ["0", "1", "2"]
-    for job, name in [("0", "DiT-custom/2"), ("2", "DiT-custom/4")]:
+    for job, name in [("0", "DiT-d4w128/2"), ("2", "DiT-d4w128/4")]:
         assert (tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").exists()
         runs = list((tmp_path / "sweep" / job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1

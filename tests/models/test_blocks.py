@@ -375,11 +375,11 @@ def test_description_names_the_options_and_a_mismatch_is_one_line():
     sd = tiny(mlp="swiglu", norm="rmsnorm", qk_norm=True).state_dict()
     assert (
         describe_state_dict(sd)
-        == "DiT-custom/2 (adaln_zero, swiglu, rmsnorm, qk_norm, 4×8×8 latent, 10 classes, learned sigma)"
+        == "DiT-d2w64/2 (adaln_zero, swiglu, rmsnorm, qk_norm, 4×8×8 latent, 10 classes, learned sigma)"
     )
     with pytest.raises(
         UsageError,
-        match=r"holds DiT-custom/2 \(adaln_zero, swiglu, rmsnorm, qk_norm.*but the model is DiT-custom/2 \(adaln_zero, 4",
+        match=r"holds DiT-d2w64/2 \(adaln_zero, swiglu, rmsnorm, qk_norm.*but the model is DiT-d2w64/2 \(adaln_zero, 4",
     ):
         tiny().load_state_dict(sd)
 

@@ -253,7 +253,7 @@ def test_patch_size_must_divide_latent():
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 4, 16, 16), (4, 8, 8)])
 def test_wrong_input_shape_is_named(shape):
-    with pytest.raises(ValueError, match=r"DiT-custom/2 takes latents of shape \(N, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"DiT-d2w64/2 takes latents of shape \(N, 4, 8, 8\)"):
         tiny()(torch.randn(shape), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
 
 

@@ -102,7 +102,7 @@ def test_the_command_line(phema_run, tmp_path):
         env=env,
     )
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "wrote the post-hoc EMA (sigma_rel 0.07, step 12, from 8 snapshots) of DiT-custom/2" in ok.stdout
+    assert "wrote the post-hoc EMA (sigma_rel 0.07, step 12, from 8 snapshots) of DiT-d4w128/2" in ok.stdout
     assert DiT.from_state_dict(torch.load(tmp_path / "x.pt", weights_only=False)).num_heads == 4
 
 

@@ -288,7 +288,7 @@ def test_added_to_a_run_under_way_it_counts_the_runs_steps(tmp_path, digits_dir,
     capsys.readouterr()
     posthoc_main([str(tmp_path), "--sigma-rel", "0.07", str(tmp_path / "late.pt")])
     out = capsys.readouterr().out
-    assert "from 2 snapshots) of DiT-custom/2" in out and "tracking began at step 4, so it is approximate" in out
+    assert "from 2 snapshots) of DiT-d4w128/2" in out and "tracking began at step 4, so it is approximate" in out
     assert torch.load(tmp_path / "late.pt", weights_only=False)["manifest"]["posthoc_ema"]["since"] == 4
 
 

@@ -4,24 +4,33 @@
     python train.py experiment=quickstart callbacks=fid callbacks.fid.ref=digits_ref.npz \\
         callbacks.fid.every_n_steps=500 callbacks.fid.num_samples=1000
 
-Logged as `val/fid` (and `val/fid_best`, the lowest so far, which survives a resume); a wandb run
-keeps the minimum of `val/fid` in its summary. FID on 5K samples is biased upwards against FID-50K
-(the bias shrinks with N), so it tracks progress; the paper's numbers come from `python -m dit.fid`
-on 50K samples.
+Logged as `val/fid` (and `val/fid_best`, the lowest so far); every measurement is kept in the
+callback's state, so the history and the best survive a resume, and the run's summary
+(dit.training.run_summary) holds the last and the best. FID on 5K samples is biased upwards against
+FID-50K (the bias shrinks with N), so it tracks progress; the paper's numbers come from
+`python -m dit.fid` on 50K samples.
+
+With `features=digits` the distance is taken in the features of a small classifier fitted on the real
+digits (dit.evaluation.digit_features), which need no download; it is logged as `val/digits_fd`, a
+"digits FD" and not an FID (conf/callbacks/fid_digits.yaml).
 """
 
 import math
 
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from lightning.pytorch.loggers import WandbLogger
 
 from dit.data.decoding import make_decoder
 from dit.data.vae import to_uint8
 from dit.diffusion import batch_generator, draw
 from dit.diffusion.guidance import check_guidance
+from dit.errors import UsageError
+from dit.evaluation.digit_features import digit_feature_network, digit_features, digit_reference
 from dit.evaluation.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
 from dit.platform.compat import averaged_model
+
+# The logged key of each feature space, and what its values are, for logs and chart axes.
+METRICS = {"inception": ("val/fid", "FID"), "digits": ("val/digits_fd", "digits FD")}
 
 
 class FIDMonitor(Callback):
@@ -42,6 +51,8 @@ class FIDMonitor(Callback):
         seed: sample i has label i mod classes, and batch k (samples [kB, (k+1)B)) draws from
             `batch_generator(seed, k)`, so measurements differ only by the weights, not by the draw,
             and not by the number of devices.
+        features: "inception" (FID, torch-fidelity's Inception-v3) or "digits" (the digits FD of
+            dit.evaluation.digit_features, offline; `ref` must then be "digits").
     """
 
     def __init__(
@@ -57,7 +68,16 @@ class FIDMonitor(Callback):
         vae="mse",
         batch_size=64,
         seed=0,
+        features="inception",
     ):
+        if features not in METRICS:
+            raise UsageError(f"callbacks.fid.features must be one of {', '.join(METRICS)}, got {features!r}")
+        if features == "digits" and ref != "digits":
+            raise UsageError(
+                f"callbacks.fid.features=digits measures against the real digits: set callbacks.fid.ref=digits, not {ref!r}"
+            )
+        self.features = features
+        self.key, self.metric_name = METRICS[features]
         self.ref = ref
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -70,17 +90,25 @@ class FIDMonitor(Callback):
         self.batch_size = batch_size
         self.seed = seed
         self.best = math.inf
+        self.history = []  # (step, value) of every measurement
         self.extractor = self.reference = self.decoder = None
 
     def setup(self, trainer, pl_module, stage):
         if stage != "fit":
+            return
+        data = trainer.datamodule
+        if self.features == "digits":
+            if not getattr(data, "pixels", False) or pl_module.model.input_size != 8:
+                raise UsageError("callbacks.fid.features=digits measures 8×8 digits; train on data=digits")
+            self.extractor = digit_feature_network()
+            self.reference = digit_reference(self.extractor) if trainer.is_global_zero else None
+            self.decoder = make_decoder(True, getattr(data, "scale_factor", 1.0))
             return
         # Every rank extracts its share. torch-fidelity moves batches to CUDA only, so elsewhere (CPU, TPU)
         # the extractor stays on the CPU.
         self.extractor = inception(
             self.inception_weights, pl_module.device if pl_module.device.type == "cuda" else "cpu"
         )
-        data = trainer.datamodule
         pixels = getattr(data, "pixels", False)
         self.decoder = make_decoder(
             pixels, getattr(data, "scale_factor", 1.0), None if pixels else self.vae_name, pl_module.device
@@ -88,22 +116,21 @@ class FIDMonitor(Callback):
         if trainer.is_global_zero:
             resolution = pl_module.model.input_size * self.decoder.upsampling
             self.reference = load_reference(self.ref, self.extractor, resolution, self.batch_size)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):  # the run's summary keeps the lowest FID, not the last
-                    logger.experiment.define_metric("val/fid", summary="min")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps:
             return
         fid = trainer.strategy.broadcast(self.measure(trainer, pl_module), src=0)
         self.best = min(self.best, fid)
+        self.history = [(s, v) for s, v in self.history if s != trainer.global_step] + [(trainer.global_step, fid)]
         if trainer.is_global_zero:
             print(
-                f"step {trainer.global_step}: FID {fid:.2f} on {self.num_samples} EMA samples (best {self.best:.2f}; "
-                f"{self.sampler!r}, {self.sampler.nfe} function evaluations, guidance {self.guidance_scale})"
+                f"step {trainer.global_step}: {self.metric_name} {fid:.2f} on {self.num_samples} EMA samples "
+                f"(best {self.best:.2f}; {self.sampler!r}, {self.sampler.nfe} function evaluations, "
+                f"guidance {self.guidance_scale})"
             )
             for logger in trainer.loggers:
-                logger.log_metrics({"val/fid": fid, "val/fid_best": self.best}, step=trainer.global_step)
+                logger.log_metrics({self.key: fid, f"{self.key}_best": self.best}, step=trainer.global_step)
 
     def measure(self, trainer, pl_module):
         """FID of `num_samples` samples of the EMA weights; batches go round-robin to the ranks,
@@ -133,7 +160,7 @@ class FIDMonitor(Callback):
                 self.guidance,
                 self.guidance_interval,
             )
-            feats = features(self.extractor, UInt8Images(to_uint8(self.decoder(z))), self.batch_size)[POOL].to(device)
+            feats = self.extract(self.decoder(z)).to(device)
             pad = self.batch_size - len(index)
             pool.append(torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]))
             marks = index if j < len(mine) else torch.full_like(index, -1)
@@ -145,11 +172,18 @@ class FIDMonitor(Callback):
         pool, index = pool.reshape(-1, pool.shape[-1]), index.reshape(-1)
         return frechet_distance(pool[index >= 0], self.reference)
 
+    def extract(self, images):
+        """The features FID compares, of decoded images in [-1, 1]."""
+        if self.features == "digits":
+            return digit_features(self.extractor, images).float()
+        return features(self.extractor, UInt8Images(to_uint8(images)), self.batch_size)[POOL]
+
     def state_dict(self):
-        return {"best": self.best}
+        return {"best": self.best, "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state_dict):
         self.best = state_dict["best"]
+        self.history = [tuple(h) for h in state_dict.get("history", [])]  # checkpoints before the history: none
 
 
 def ema_backbone(trainer, pl_module):

@@ -503,7 +503,7 @@ class DiT(nn.Module):
 
     @property
     def name(self):
-        """The paper's name of this config, e.g. "DiT-XL/2" (or "DiT-custom/2" off the table)."""
+        """The paper's name of this config, e.g. "DiT-XL/2" (or "DiT-d4w128/2" off the table)."""
         return config_name(len(self.blocks), self.pos_embed.shape[-1], self.patch_size)
 
     def unpatchify(self, x):
@@ -694,8 +694,9 @@ def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def config_name(depth: int, hidden_size: int, patch_size: int) -> str:
-    size = next((s for s, shape in SIZES.items() if shape[:2] == (depth, hidden_size)), "custom")
-    return f"DiT-{size}/{patch_size}"
+    """DiT-XL/2 for a row of paper Table 1; off the table, the depth and width: DiT-d4w128/2."""
+    size = next((s for s, shape in SIZES.items() if shape[:2] == (depth, hidden_size)), None)
+    return f"DiT-{size or f'd{depth}w{hidden_size}'}/{patch_size}"
 
 
 def _paper_config(size, patch_size):

@@ -105,8 +105,19 @@ def quick_cfg(tmp_path, digits_dir, *overrides):
     return compose_cfg(["experiment=quickstart", f"data.path={digits_dir}", *QUICK, *overrides], tmp_path)
 
 
+def child_env():
+    """The environment of a child process as a user's shell has it: not the process group that an
+    earlier in-process test set up. Lightning leaves MASTER_PORT, LOCAL_RANK, ... behind, and a child
+    that sees LOCAL_RANK takes itself for a rank already launched (it never starts rank 1, and waits
+    for it); no HYDRA_FULL_ERROR either."""
+    launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    return env
+
+
 def run_train(args, cwd, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))  # what a user sees: no HYDRA_FULL_ERROR
+    env = child_env()
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=cwd,

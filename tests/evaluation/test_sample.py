@@ -2,7 +2,6 @@
 training run (digits, pixels) and on a tiny DiT of VAE latents with a small random AutoencoderKL."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, one_line_error
+from conftest import ROOT, child_env, one_line_error
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -20,14 +19,12 @@ from dit.models import DiT
 
 
 def run_sample(*args):
-    # Not the process group an earlier test in this process set up: Lightning leaves MASTER_PORT,
-    # LOCAL_RANK, ... in the environment, and a child that sees LOCAL_RANK takes itself for a rank
-    # already launched (it never starts rank 1, and waits for it).
-    launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in launched and not k.startswith("PL_")}
-    env["PYTHONPATH"] = str(ROOT / "src")
     result = subprocess.run(
-        [sys.executable, "-m", "dit.sample", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "dit.sample", *map(str, args)],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import open_dict
 from PIL import Image
 
@@ -22,6 +24,9 @@ from dit.models import DiT
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py lives at the root
 
+# cpu_threads=auto (train.py) follows the machine's load; the tests keep torch's thread count as it is, so
+# that two runs compared bit for bit within a test (resume, DDP) use the same count.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 # Tests never reach wandb's servers, whatever login the machine has.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("WANDB_API_KEY", None)
@@ -244,3 +249,41 @@ def pytest_collection_modifyitems(items):
             "run_train(" in inspect.getsource(function) or "subprocess." in inspect.getsource(function)
         ):
             item.add_marker(pytest.mark.e2e)
+
+
+# ---------------------------------------------------------------- progress bars of the long steps
+
+
+def bars(err, desc):
+    """The last "n/total" of each bar labelled `desc`, one entry a bar (each bar starts by drawing "0/total")."""
+    ends = []
+    for count in re.findall(re.escape(desc) + r":\s+\d+%\|[^|]*\| (\d+/\d+) ", err):
+        if count.startswith("0/"):
+            ends.append(count)
+        else:
+            ends[-1] = count
+    return ends
+
+
+def stand_in_run(rank=0, world=1, refresh_rate=20, root="."):
+    """What the callbacks read of a Trainer and a DiTModule (a tiny untrained DiT of the digits), with
+    Lightning's progress bar callback set up as in a run: off on ranks other than 0, and with
+    refresh_rate=0 (as the tests run train.py). all_gather gives this rank's tensors back."""
+    progress = TQDMProgressBar(refresh_rate=refresh_rate)
+    trainer = SimpleNamespace(
+        global_rank=rank,
+        world_size=world,
+        is_global_zero=rank == 0,
+        callbacks=[progress],
+        progress_bar_callback=progress,
+        datamodule=SimpleNamespace(pixels=True, scale_factor=1.0),
+        default_root_dir=str(root),
+        loggers=[],
+        global_step=0,
+    )
+    progress.setup(trainer, None, "fit")
+    model = tiny(in_channels=1).eval()
+    module = SimpleNamespace(
+        model=model, device=torch.device("cpu"), diffusion_options=dict(learn_sigma=True), all_gather=lambda x: x
+    )
+    return trainer, module

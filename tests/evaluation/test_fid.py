@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from conftest import write_pngs
+from conftest import bars, write_pngs
 from PIL import Image
 
 from dit.errors import UsageError
@@ -75,7 +75,8 @@ def test_identical_sets_give_zero(n, dim):
 
 def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception, tmp_path, capsys):
     """An npz of samples vs a folder of the same real images: FID ≈ 0, precision = recall = 1. Then
-    other images as PNGs against the saved reference statistics: the FID of features computed directly."""
+    other images as PNGs against the saved reference statistics: the FID of features computed directly.
+    Each extraction shows one bar of its own (torch-fidelity's is off)."""
     digits = digit_images()
     real = torch.stack([digits[i] for i in range(4)])  # (4, 3, 8, 8) uint8
     np.savez(tmp_path / "samples.npz", arr_0=real.permute(0, 2, 3, 1).numpy())
@@ -94,8 +95,11 @@ def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception,
             str(tmp_path / "ref.npz"),
         ]
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "1 of 5 files" in out and "broken.JPEG" in out
+    assert bars(err, "FID features (reference)") == ["4/4"]
+    assert bars(err, "FID features (samples)") == ["4/4"]
+    assert "Processing samples" not in err
     assert abs(metrics["fid"]) < 1e-6 and metrics["num_samples"] == 4
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert np.isfinite(metrics["inception_score"]) and metrics["inception_score"] >= 1.0
@@ -103,6 +107,8 @@ def test_whole_path_from_images_to_fid_is_and_precision_recall(random_inception,
     other = torch.stack([digits[i] for i in range(4, 8)])
     write_pngs(other, tmp_path / "other")
     fid = main([str(tmp_path / "other"), "--ref", str(tmp_path / "ref.npz"), *weights])["fid"]
+    err = capsys.readouterr().err  # statistics read from the file: no reference bar
+    assert bars(err, "FID features (samples)") == ["4/4"] and bars(err, "FID features (reference)") == []
     # the same, from features of the image tensors (no files, no loaders, no statistics file)
     extractor = inception(str(random_inception))
     with torch.no_grad():

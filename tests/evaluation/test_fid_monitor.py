@@ -1,10 +1,17 @@
 """The in-training FID monitor (dit.evaluation.fid_monitor) on a real tiny sweep: two models
 trained 6 steps each with FID of 3 EMA samples every 3 steps, a random Inception of torch-fidelity's
-own class against statistics of real digits."""
+own class against statistics of real digits. Its progress bars on a stand-in for a run's trainer."""
+
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from conftest import bars, stand_in_run, write_pngs
+from tqdm import tqdm
+
+from dit.diffusion.samplers import DDIM
+from dit.evaluation.fid_monitor import FIDMonitor
 
 
 def test_fid_monitor_logs_val_fid_and_its_minimum(sweep):
@@ -47,3 +54,41 @@ def test_fid_monitor_measures_the_ema_weights(sweep, random_inception):
     rows = csv.DictReader((sweep / "0" / "csv" / "version_0" / "metrics.csv").open())
     logged = next(float(r["val/fid"]) for r in rows if r["val/fid"] and r["step"] == "6")
     assert logged == pytest.approx(expected, rel=1e-4)
+
+
+def test_fid_monitor_shows_one_bar_of_all_ranks_samples_where_lightning_shows_its_own(monkeypatch, capsys):
+    """10 samples in batches of 4: one bar on rank 0 that counts every rank's samples, none on rank
+    1 or with the run's bar off. The bar is erased when done (leave=False, under the training bar):
+    here every update is drawn, as in a real run's seconds-long batches, so its last count is seen."""
+    from dit.evaluation.digit_features import DigitClassifier
+
+    monkeypatch.setattr("dit.evaluation.fid_monitor.tqdm", partial(tqdm, mininterval=0, miniters=1))
+    # an unfitted feature network (fitting one takes seconds): the bars are under test, not the features
+    monkeypatch.setattr("dit.evaluation.fid_monitor.digit_feature_network", lambda: DigitClassifier().eval())
+    monitor = FIDMonitor("digits", DDIM("ddim5"), num_samples=10, batch_size=4, features="digits")
+    for (rank, world, refresh_rate), expected in [
+        ((0, 1, 20), ["10/10"]),
+        ((0, 2, 20), ["10/10"]),  # rank 0 draws batches 0 and 2, rank 1 batch 1: 10 in all
+        ((1, 2, 20), []),
+        ((0, 1, 0), []),
+    ]:
+        trainer, module = stand_in_run(rank, world, refresh_rate)
+        monitor.setup(trainer, module, "fit")
+        monitor.measure(trainer, module)
+        assert bars(capsys.readouterr().err, "digits FD samples") == expected, (rank, world, refresh_rate)
+
+
+def test_fid_monitor_reference_bar_on_rank_0_only(random_inception, tmp_path, capsys):
+    """The reference's Inception features: a bar on rank 0, which alone computes them, where Lightning
+    shows its bar; the samples' features of a measurement draw none of their own (the monitor's bar
+    counts them)."""
+    from dit.evaluation.fid import digit_images
+
+    write_pngs(torch.stack([digit_images()[i] for i in range(2)]), tmp_path / "real")
+    monitor = FIDMonitor(str(tmp_path / "real"), DDIM("ddim5"), inception_weights=str(random_inception))
+    for rank, refresh_rate, expected in [(0, 20, ["2/2"]), (1, 20, []), (0, 0, [])]:
+        trainer, module = stand_in_run(rank, world=2, refresh_rate=refresh_rate)
+        monitor.setup(trainer, module, "fit")
+        assert bars(capsys.readouterr().err, "FID features (reference)") == expected, (rank, refresh_rate)
+    monitor.extract(torch.rand(2, 1, 8, 8) * 2 - 1)
+    assert capsys.readouterr().err == ""

@@ -9,7 +9,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, child_env, one_line_error
+from conftest import ROOT, bars, child_env, one_line_error
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -46,7 +46,9 @@ def cpu_ddim5(num_samples, batch_size):
     ]
 
 
-def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path):
+def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path, capsys):
+    """The same images from one process and from two; each draws its batches under a bar of its own,
+    and rank 0 alone assembles the .npz, under one bar."""
     common = [
         tiny_run,
         "--num-samples",
@@ -63,8 +65,12 @@ def test_same_samples_on_one_and_two_processes(tiny_run, tmp_path):
         3,
     ]
     sample_main([str(a) for a in [common[0], tmp_path / "one", *common[1:], "--devices", 1]])  # in this process
+    err = capsys.readouterr().err
+    assert bars(err, "rank 0") == ["7/7"] and bars(err, "PNGs to .npz") == ["7/7"]
     two = run_sample(common[0], tmp_path / "two", *common[1:], "--devices", 2)
-    assert "rank 1" in two.stderr  # the second process drew batches too
+    # batches 0, 2, 4, 6 (7 samples in batches of 2) on rank 0; 1, 3, 5 on rank 1
+    assert bars(two.stderr, "rank 0") == ["4/4"] and bars(two.stderr, "rank 1") == ["3/3"]
+    assert bars(two.stderr, "PNGs to .npz") == ["7/7"]  # from rank 0 only
     one_npz, two_npz = np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"]
     assert one_npz.shape == (7, 8, 8, 3) and one_npz.dtype == np.uint8  # pixels, no VAE; gray as RGB
     assert np.array_equal(one_npz, two_npz) and len(np.unique(one_npz.reshape(7, -1), axis=0)) == 7

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import bars, one_line_error
 from PIL import Image
 
 import dit.tools.extract as extract
@@ -156,7 +156,7 @@ def test_extraction_end_to_end(image_dir, vae_dir, extracted, capsys):
     assert "finished already" in capsys.readouterr().out
 
 
-def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extracted, tmp_path, monkeypatch):
+def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extracted, tmp_path, monkeypatch, capsys):
     out = tmp_path / "latents"
     encoded = []  # the number of files of each part encoded
     real_encode_part = extract.encode_part
@@ -175,14 +175,19 @@ def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extr
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["part_00000", "part_00002"]
     inode = (out / "parts" / "part_00000" / "chunk-0-0.bin").stat().st_ino
     encoded.clear()
+    capsys.readouterr()
     monkeypatch.setenv("RANK", "1")  # parts 1 and 3
     run_extract(image_dir, out, vae_dir)
     assert encoded == [3, 3] and not (out / "meta.json").exists()  # part 4 is missing: no merge yet
+    err = capsys.readouterr().err
+    assert bars(err, "rank 1") == ["6/6"] and bars(err, "merge parts") == []
     encoded.clear()
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     run_extract(image_dir, out, vae_dir)  # the rerun encodes only part 4 (2 files), then merges all
     assert encoded == [2] and (out / "parts" / "part_00000" / "chunk-0-0.bin").stat().st_ino == inode
+    chunks = len(json.loads((out / "index.json").read_text())["chunks"])
+    assert bars(capsys.readouterr().err, "merge parts") == [f"{chunks}/{chunks}"]  # the merging process's
     meta, uninterrupted_meta = (json.loads((d / "meta.json").read_text()) for d in (out, extracted))
     assert meta == uninterrupted_meta
     for ours, uninterrupted in zip(read_records(out), read_records(extracted), strict=True):

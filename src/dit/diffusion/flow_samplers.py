@@ -83,7 +83,8 @@ class FlowSampler(Sampler):
         # The grid as a device tensor rolled one place a step, so that each step reads its times
         # from the same places: one graph for every step, no host value baked into it (XLA).
         grid = torch.tensor(times + [times[-1]], device=x.device)
-        for i in tqdm(range(self.steps), disable=not progress, desc="sampling"):
+        desc = progress if isinstance(progress, str) else "sampling"
+        for i in tqdm(range(self.steps), desc=desc, disable=not progress):
             t, t_next = grid[0].expand(x.shape[0]), grid[1].expand(x.shape[0])
             x = self.step(process, guidance, x, t, t_next, times[i], times[i + 1], model_kwargs)
             grid = grid.roll(-1)
@@ -216,7 +217,8 @@ class EulerMaruyama(FlowSampler):
         times = self.grid(start, max(end, low), self.steps - 1)  # the last evaluation is the last step
         grid = torch.tensor(times + [times[-1]], device=x.device)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        for i in tqdm(range(len(times) - 1), disable=not progress, desc="sampling"):
+        desc = progress if isinstance(progress, str) else "sampling"
+        for i in tqdm(range(len(times) - 1), desc=desc, disable=not progress):
             t, t_next = grid[0].expand(x.shape[0]), grid[1].expand(x.shape[0])
             h = (t - t_next).view(shape)
             v, s = self._drift_parts(process, guidance.at(times[i]), x, t, model_kwargs)

@@ -84,9 +84,10 @@ class Sampler:
         diffusion_options: dict,
         model_kwargs: dict | None = None,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
     ) -> torch.Tensor:
-        """x_0 from x_T = `noise` with `model`: (x, t, **model_kwargs) -> output, or a `Guidance`."""
+        """x_0 from x_T = `noise` with `model`: (x, t, **model_kwargs) -> output, or a `Guidance`;
+        `progress`: a bar of the steps (a string: the bar's label)."""
         return self.loop(self.process(diffusion_options), model, noise, model_kwargs, generator, progress)
 
     def loop(self, process, model, x, model_kwargs=None, generator=None, progress=False):
@@ -97,7 +98,9 @@ class Sampler:
         # runs the same graph (torch.compile, XLA) with no host-to-device copy.
         t = torch.full((x.shape[0],), process.num_timesteps - 1, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            for i in tqdm(reversed(range(process.num_timesteps)), total=process.num_timesteps, disable=not progress):
+            steps = reversed(range(process.num_timesteps))
+            desc = progress if isinstance(progress, str) else None
+            for i in tqdm(steps, total=process.num_timesteps, desc=desc, disable=not progress):
                 x = self.step(process, guidance.at(times[i]), x, t, model_kwargs or {}, generator)
                 t = t - 1
                 end_step(x)

@@ -43,7 +43,7 @@ def draw(
     guidance_scale: float = 1.0,
     guidance: str = "auto",
     guidance_interval: tuple[float, float] = (0.0, 1.0),
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> torch.Tensor:
     """Latents (N, C, I, I) of class `labels` from `model` (a DiT), with classifier-free guidance at
     `guidance_scale` (1: none) for the times in `guidance_interval` (0 the data, 1 the noise),
@@ -52,7 +52,8 @@ def draw(
 
     `guidance` is the variant: "auto" is "official" (the first 3 channels) on the Gaussian
     diffusion and "all_channels" on a flow. `diffusion_options` are the options of the process the
-    model was trained with (DiTModule.diffusion_options; `process_options` of a checkpoint)."""
+    model was trained with (DiTModule.diffusion_options; `process_options` of a checkpoint). `progress`:
+    a bar of the sampler's steps (a string: the bar's label; dopri5, adaptive, shows none)."""
     if guidance == "auto":
         guidance = "all_channels" if is_flow(diffusion_options) else "official"
     device = next(model.parameters()).device

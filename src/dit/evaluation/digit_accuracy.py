@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import Callback
 from dit.data.digits import classify, pixel_frechet_distance
 from dit.diffusion import batch_generator, draw
 from dit.evaluation.images import make_grid, save_png
+from dit.evaluation.progress import shown_in_training
 
 
 class DigitAccuracy(Callback):
@@ -32,7 +33,12 @@ class DigitAccuracy(Callback):
         model = pl_module.model.eval()
         labels = torch.arange(10).repeat_interleave(self.samples_per_class)
         generator = batch_generator(self.seed, 0, pl_module.device)  # one batch
-        samples = draw(model, self.sampler, pl_module.diffusion_options, labels, generator, self.guidance_scale)
+        # One batch, so a bar of the sampler's steps, where Lightning shows its bar (dit.evaluation.progress);
+        # it stays on screen (tqdm's leave=True): training is over.
+        progress = shown_in_training(trainer) and f"digits: {len(labels)} guided samples"
+        samples = draw(
+            model, self.sampler, pl_module.diffusion_options, labels, generator, self.guidance_scale, progress=progress
+        )
         self.accuracy = float((classify(samples) == labels.numpy()).mean())
         self.pixel_fd = pixel_frechet_distance(samples)
         first = samples.view(10, self.samples_per_class, 1, 8, 8)[:, :10].reshape(-1, 1, 8, 8)

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as INCEPTION_URL
+from tqdm import tqdm
 
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.training.manifest import read_manifest
@@ -107,18 +109,33 @@ class UInt8Images(Dataset):
         return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-def features(extractor, images, batch_size=64):
-    """{"2048": pool features, "logits_unbiased": logits} of a Dataset of (3, H, W) uint8 images.
-    torch-fidelity resizes every image to 299×299 the way TensorFlow 1 does, as ADM's suite."""
-    from torch_fidelity.utils import get_featuresdict_from_dataset
+def features(extractor, images, batch_size=64, desc=None):
+    """{"2048": pool features, "logits_unbiased": logits} of a Dataset of (3, H, W) uint8 images, with a
+    progress bar labelled `desc` (None: no bar). torch-fidelity resizes every image to 299×299 the way
+    TensorFlow 1 does, as ADM's suite.
 
+    The loop is torch-fidelity's get_featuresdict_from_dataset (0.3 and 0.4 alike), ours for the bar:
+    its own (verbose=True) is always "Processing samples", vanishes when done, and prints that line again.
+    """
     if len(images) == 0:
         raise UsageError("no images to compute features of")
     cuda = next(extractor.parameters()).is_cuda
-    # Loader worker processes (torch-fidelity starts up to 4) pay off only for many files to decode;
+    # Loader worker processes (up to 4, as torch-fidelity starts) pay off only for many files to decode;
     # images in memory, or a single batch, are read in-process.
     in_process = isinstance(images, UInt8Images) or len(images) <= batch_size
-    return get_featuresdict_from_dataset(images, extractor, batch_size, cuda, save_cpu_ram=in_process, verbose=False)
+    loader = DataLoader(
+        images,
+        batch_size=min(batch_size, len(images)),
+        num_workers=0 if in_process else min(4, 2 * multiprocessing.cpu_count()),
+        pin_memory=cuda,
+    )
+    out = []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=desc is None) as bar, torch.no_grad():
+        for batch in loader:
+            batch = batch.cuda(non_blocking=True) if cuda else batch
+            out.append({k: v.cpu() for k, v in extractor.convert_features_tuple_to_dict(extractor(batch)).items()})
+            bar.update(len(batch))
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
 
 
 def statistics(pool_features):
@@ -267,14 +284,16 @@ def digit_images():
     return UInt8Images(to_uint8(pixels[:, None]))
 
 
-def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features=False):
-    """{"mu", "sigma"} (and "features", the pool features, when asked and available) of the reference.
+def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features=False, progress=True):
+    """{"mu", "sigma"} (and "features", the pool features, when asked and available) of the reference;
+    `progress`: a bar while its features are computed.
 
     `ref`: a statistics `.npz` (keys `mu` and `sigma`, as ADM's reference batches and --save-ref-stats;
     features come from its `arr_0` images when asked), a folder of real images (ADM centre crop to
     `resolution`), or "digits".
     """
     path = Path(ref)
+    desc = "FID features (reference)" if progress else None
     if ref == "digits":
         images = digit_images()
     elif path.is_dir():
@@ -298,10 +317,10 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
                 raise UsageError(f"reference {ref} holds {sorted(data.keys())}, but it needs {need}")
             images = UInt8Images(data["arr_0"])
         if stats is not None:  # ADM's reference batch: FID against ITS statistics; the images serve P/R only
-            return dict(stats, features=features(extractor, images, batch_size)[POOL])
+            return dict(stats, features=features(extractor, images, batch_size, desc)[POOL])
     else:
         raise FileNotFoundError(f"reference {ref} is not a folder of images, an .npz of statistics, or 'digits'")
-    pool = features(extractor, images, batch_size)[POOL]
+    pool = features(extractor, images, batch_size, desc)[POOL]
     return dict(statistics(pool), features=pool) if keep_features else statistics(pool)
 
 
@@ -329,7 +348,7 @@ def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_
     reference = load_reference(ref, extractor, samples[0].shape[1], batch_size, keep_features=prc)
     if save_ref_stats:
         save_statistics(save_ref_stats, reference, ref, samples[0].shape[1])
-    ours = features(extractor, samples, batch_size)
+    ours = features(extractor, samples, batch_size, "FID features (samples)")
     metrics = dict(fid=frechet_distance(ours[POOL], reference), num_samples=len(samples))
     if isc:
         from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric

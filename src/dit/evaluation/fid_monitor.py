@@ -19,6 +19,7 @@ import math
 
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
+from tqdm import tqdm
 
 from dit.data.decoding import make_decoder
 from dit.data.vae import to_uint8
@@ -27,6 +28,7 @@ from dit.diffusion.guidance import check_guidance
 from dit.errors import UsageError
 from dit.evaluation.digit_features import digit_feature_network, digit_features, digit_reference
 from dit.evaluation.fid import POOL, UInt8Images, features, frechet_distance, inception, load_reference
+from dit.evaluation.progress import shown_in_training
 from dit.platform.compat import averaged_model
 
 # The logged key of each feature space, and what its values are, for logs and chart axes.
@@ -115,7 +117,9 @@ class FIDMonitor(Callback):
         )
         if trainer.is_global_zero:
             resolution = pl_module.model.input_size * self.decoder.upsampling
-            self.reference = load_reference(self.ref, self.extractor, resolution, self.batch_size)
+            self.reference = load_reference(
+                self.ref, self.extractor, resolution, self.batch_size, progress=shown_in_training(trainer)
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.every_n_steps:
@@ -144,27 +148,37 @@ class FIDMonitor(Callback):
         per_rank = math.ceil(num_batches / trainer.world_size)
         mine = list(range(trainer.global_rank, num_batches, trainer.world_size))
         pool, indices = [], []
-        for j in range(per_rank):
-            # all_gather needs as many batches of one shape on every rank: a rank short of batches
-            # draws one again and marks it -1, as the padding of a short last batch
-            k = mine[j] if j < len(mine) else mine[-1] if mine else 0
-            index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples))
-            labels = index % model.num_classes
-            z = draw(
-                model,
-                self.sampler,
-                pl_module.diffusion_options,
-                labels,
-                batch_generator(self.seed, k, device),
-                self.guidance_scale,
-                self.guidance,
-                self.guidance_interval,
-            )
-            feats = self.extract(self.decoder(z)).to(device)
-            pad = self.batch_size - len(index)
-            pool.append(torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]))
-            marks = index if j < len(mine) else torch.full_like(index, -1)
-            indices.append(torch.cat([marks, torch.full((pad,), -1)]).to(device))
+        # One bar, on rank 0 (dit.evaluation.progress), of all ranks' samples: in round j the ranks draw
+        # batches [j·world, (j + 1)·world) together. leave=False: it is drawn under the training bar.
+        with tqdm(
+            total=self.num_samples,
+            desc=f"{self.metric_name} samples",
+            unit="img",
+            leave=False,
+            disable=not shown_in_training(trainer),
+        ) as bar:
+            for j in range(per_rank):
+                # all_gather needs as many batches of one shape on every rank: a rank short of batches
+                # draws one again and marks it -1, as the padding of a short last batch
+                k = mine[j] if j < len(mine) else mine[-1] if mine else 0
+                index = torch.arange(k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples))
+                labels = index % model.num_classes
+                z = draw(
+                    model,
+                    self.sampler,
+                    pl_module.diffusion_options,
+                    labels,
+                    batch_generator(self.seed, k, device),
+                    self.guidance_scale,
+                    self.guidance,
+                    self.guidance_interval,
+                )
+                feats = self.extract(self.decoder(z)).to(device)
+                pad = self.batch_size - len(index)
+                pool.append(torch.cat([feats, feats.new_zeros(pad, feats.shape[1])]))
+                marks = index if j < len(mine) else torch.full_like(index, -1)
+                indices.append(torch.cat([marks, torch.full((pad,), -1)]).to(device))
+                bar.update(min((j + 1) * trainer.world_size * self.batch_size, self.num_samples) - bar.n)
         model.train(was_training)
         pool, index = pl_module.all_gather(torch.cat(pool)), pl_module.all_gather(torch.cat(indices))
         if not trainer.is_global_zero:

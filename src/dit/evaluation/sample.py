@@ -261,9 +261,8 @@ def run(fabric, args):
             manifest.update(counts)
             write_manifest(out_dir, manifest)
         print(f"sampler {sampler!r}: {manifest.get('nfe')} function evaluations per sample")
-        arr = np.stack(
-            [np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB")) for i in range(args.num_samples)]
-        )
+        reading = tqdm(range(args.num_samples), desc="PNGs to .npz", unit="img")
+        arr = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB")) for i in reading])
         # ADM's evaluator reads arr_0; the manifest rides along, for dit.fid to say what it measured.
         np.savez(f"{out_dir}.npz", arr_0=arr, manifest=np.array(json.dumps(manifest)))
         nrow = len(classes) if classes and args.labels != "balanced" else 8  # balanced: all K classes

@@ -167,7 +167,7 @@ def merge_parts(out_dir, part_dirs):
     """Link (or copy, across file systems) every part's chunk files into out_dir under one index.json
     — what litdata.merge_datasets does with copies — then write meta.json, the mark of a finished
     folder. Two ranks merging at once write the same files, each by an atomic rename."""
-    chunks, config, skipped, first = [], None, [], None
+    sources, config, skipped, first = [], None, [], None
     for part in part_dirs:
         meta = json.loads((part / META_FILE).read_text())
         skipped += meta.pop("skipped")
@@ -183,23 +183,23 @@ def merge_parts(out_dir, part_dirs):
             continue  # nothing in it could be decoded
         index = json.loads((part / "index.json").read_text())
         config = index["config"]
-        for chunk in index["chunks"]:
-            name = f"chunk-0-{len(chunks)}.bin"
-            tmp = out_dir / f"{name}.tmp{os.getpid()}"
-            try:
-                os.link(part / chunk["filename"], tmp)
-            except OSError:
-                shutil.copyfile(part / chunk["filename"], tmp)
-            os.replace(tmp, out_dir / name)
-            chunks.append(dict(chunk, filename=name))
+        sources += [(part, chunk) for chunk in index["chunks"]]
     if config is None:
         raise UsageError(f"no image under {meta['source']} could be decoded; check the folder")
-    # with the CRC-32s of the chunks as linked, which dit.data checks before training
-    meta.update(
-        num_samples=sum(chunk["chunk_size"] for chunk in chunks),
-        skipped=skipped,
-        chunk_crc32={chunk["filename"]: file_crc32(out_dir / chunk["filename"]) for chunk in chunks},
-    )
+    # One process merges, the rank that finished last (not always rank 0): one bar (dit.evaluation.progress).
+    # A link is instant; a copy and the CRC-32 (which dit.data checks before training) read the whole chunk.
+    chunks, crc32 = [], {}
+    for part, chunk in tqdm(sources, desc="merge parts", unit="chunk"):
+        name = f"chunk-0-{len(chunks)}.bin"
+        tmp = out_dir / f"{name}.tmp{os.getpid()}"
+        try:
+            os.link(part / chunk["filename"], tmp)
+        except OSError:
+            shutil.copyfile(part / chunk["filename"], tmp)
+        os.replace(tmp, out_dir / name)
+        chunks.append(dict(chunk, filename=name))
+        crc32[name] = file_crc32(out_dir / name)
+    meta.update(num_samples=sum(chunk["chunk_size"] for chunk in chunks), skipped=skipped, chunk_crc32=crc32)
     for name, content in [("index.json", dict(config=config, chunks=chunks)), (META_FILE, meta)]:
         tmp = out_dir / f"{name}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(content, indent=1))
@@ -317,7 +317,7 @@ def main(argv=None):
             )
     total = sum(len(files[p * args.part_size : (p + 1) * args.part_size]) for p in todo)
     start = time.perf_counter()
-    with tqdm(total=total, unit="img", desc=f"rank {rank}") as progress:
+    with tqdm(total=total, unit="img", desc=f"rank {rank}", position=rank) as progress:
         for p in todo:
             records, skipped = encode_part(
                 files[p * args.part_size : (p + 1) * args.part_size],

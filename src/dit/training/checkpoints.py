@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dit.errors import UsageError
+from dit.models.diffusers_format import read_folder, transformer_folder
 
 # EX_TEMPFAIL of sysexits.h: "temporary failure, the user is invited to retry" — a scheduler can
 # requeue on it (SLURM: `--requeue` and a requeue-on-exit-code wrapper; Kubernetes: a restart policy).
@@ -61,10 +62,15 @@ def check_integrity(path):
 def load_weights_file(path: str | Path) -> dict:
     """torch.load of any checkpoint this project reads (train.py's, an export, the official file),
     on the CPU, after `check_integrity` where the file is a zip archive (files of torch < 1.6 are
-    not). A missing or unreadable file raises a UsageError that names it."""
+    not); or a diffusers DiT folder (a DiTTransformer2DModel's or a DiTPipeline's, e.g. of
+    `dit.export --format diffusers`), read into the same layout as an export. A missing or
+    unreadable file raises a UsageError that names it."""
     path = Path(path)
+    if path.is_dir() and transformer_folder(path) is not None:
+        return read_folder(path)
     if not path.is_file():
-        raise UsageError(f"no checkpoint file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        folder = " (a folder, but no diffusers DiT folder: no DiT config.json in it or its transformer/)"
+        raise UsageError(f"no checkpoint file at {path}" + (folder if path.is_dir() else ""))
     if zipfile.is_zipfile(path):
         check_integrity(path)
     try:

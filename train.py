@@ -7,6 +7,7 @@ python train.py -m model=dit_s,dit_b,dit_l,dit_xl patch=2,4,8    # Table 4 grid 
 python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on SLURM
 """
 
+import contextlib
 import netrc
 import os
 import re
@@ -29,9 +30,11 @@ from dit.errors import ONE_LINE_ERRORS, USAGE_EXIT_CODE, UsageError
 from dit.models import SIZES, config_name
 from dit.models.flops import describe
 from dit.platform.compat import replace_hydra_subprocess_command
+from dit.platform.cpu_threads import choose_cpu_threads
 from dit.training.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
 from dit.training.manifest import changed_keys, differences, fixed, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
+from dit.training.run_log import RunLog, config_tree, log_file_path
 from dit.training.run_summary import RunSummary
 
 
@@ -229,7 +232,13 @@ def owns_run_folder(cfg):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
-    """Train; a usage error (a bad value, a refused resume) ends a single run with one line."""
+    """Train; a usage error (a bad value, a refused resume) ends a single run with one line. On rank 0,
+    everything the run prints also goes to its log file (Hydra's <run>/train.log)."""
+    with RunLog(Path(cfg.output_dir)) if rank_zero_only.rank == 0 else contextlib.nullcontext():
+        return run_and_report(cfg)
+
+
+def run_and_report(cfg):
     try:
         return train(cfg)
     except (InstantiationException, *ONE_LINE_ERRORS) as err:
@@ -245,16 +254,30 @@ def main(cfg: DictConfig):
         sys.exit(USAGE_EXIT_CODE)
 
 
+def set_cpu_threads(cfg):
+    """torch's thread count for a run on the CPU (dit.platform.cpu_threads: a busy machine thrashes)."""
+    if cfg.trainer.get("accelerator") != "cpu":
+        return
+    devices = cfg.trainer.get("devices")
+    threads, why = choose_cpu_threads(cfg.get("cpu_threads", "auto"), devices if isinstance(devices, int) else 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if rank_zero_only.rank == 0:
+        print(f"CPU threads: {torch.get_num_threads()} ({why})")
+
+
 def train(cfg):
     global LAUNCH_CONFIG
     check_config(cfg)  # before anything reads the values it checks
+    set_cpu_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
     with torch.device("meta"):
         summary = describe(instantiate(cfg.model))
-    print(
-        f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
-        f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
-    )
+    if rank_zero_only.rank == 0:
+        print(
+            f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
+            f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
+        )
     if cfg.resume == "auto" and not cfg.name:
         raise UsageError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
     out = Path(cfg.output_dir)
@@ -304,7 +327,7 @@ def fit(cfg, out, run_config, summary, lock):
     wandb_id = out / "wandb_run_id"  # a resumed run logs into the same wandb run
     if cfg.get("logger"):
         resumed = dict(id=wandb_id.read_text(), resume="allow") if is_wandb and wandb_id.exists() else {}
-        loggers.append(instantiate(cfg.logger, **resumed))
+        loggers.append(instantiate(cfg.logger, **resumed, _convert_="all"))
     if is_wandb:
         # The metrics as CSV beside wandb's: an offline wandb run cannot be read back without
         # `wandb sync` (and an account), and the scaling plots (dit.plots) read these files.
@@ -325,6 +348,10 @@ def fit(cfg, out, run_config, summary, lock):
     run_summary = RunSummary(out, summary, run_config, overrides, run_id)
     callbacks.append(run_summary)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        # The resolved config as a tree, on the console (print_config) and always in the run folder.
+        config_tree(cfg, out / "config_tree.log", show=cfg.get("print_config", True))
+        print(where_things_go(out, trainer, cfg))
     if is_wandb and trainer.is_global_zero:
         wandb_id.write_text(loggers[0].experiment.id)
     for logger in loggers:
@@ -356,6 +383,24 @@ def fit(cfg, out, run_config, summary, lock):
         )
         sys.exit(PREEMPTED_EXIT_CODE)
     return out
+
+
+def where_things_go(out, trainer, cfg):
+    """The run folder's map, printed at the start of a run."""
+    checkpoints = sorted(
+        {str(c.dirpath) for c in trainer.callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint))}
+    )
+    metrics = [str(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)]
+    every = cfg.trainer.get("val_check_interval")
+    lines = [
+        f"run folder: {out}",
+        f"  log:          {log_file_path(out)} (everything this run prints)",
+        f"  config:       {out / 'config_tree.log'} (resolved), {out / '.hydra'} (as composed), manifest.json",
+        f"  checkpoints:  {', '.join(checkpoints) or 'none (no checkpoint callback)'}",
+        f"  samples:      {out / 'samples'} (the EMA grid every {every} steps)",
+        f"  metrics:      {', '.join(metrics) or 'no logger'}; {out / 'summary.json'}",
+    ]
+    return "\n".join(lines)
 
 
 OVERRIDE_KEY = re.compile(r"[+~]{0,2}[A-Za-z_][\w./@-]*")

@@ -42,6 +42,7 @@ class LatentDataModule(LightningDataModule):
     `features` (REPA, Yu et al. 2024) makes the train batches (x, y, features): each record's encoder
     patch tokens (N, T, D) float32, mirrored on the token grid where the latent is the flip's
     (`sample_latents`); the shards must hold them (`python -m dit.extract --repa-encoder ...`).
+    `shuffle=False` reads the records in order (debug=overfit: the same first batch at every step).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class LatentDataModule(LightningDataModule):
         sample_batch_size: int = 64,
         pixels: bool = False,
         features: bool = False,
+        shuffle: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -135,7 +137,7 @@ class LatentDataModule(LightningDataModule):
         dataset = ShardDataset(
             self.path,
             cache_dir=self.hparams.cache_dir,
-            shuffle=True,
+            shuffle=self.hparams.shuffle,
             drop_last=True,
             seed=self.hparams.seed,
             serializers={"numpy": PosteriorView()},

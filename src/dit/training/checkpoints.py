@@ -176,7 +176,8 @@ class StopCheckpoint(Callback):
         self.received = signal.Signals(signum).name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if 0 < trainer.max_steps <= trainer.global_step:
+        # fast_dev_run (debug=fdr) checks a config and writes no checkpoint, as Lightning's own callbacks
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.fast_dev_run:
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
             return
         received = self.received is not None

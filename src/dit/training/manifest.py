@@ -30,6 +30,11 @@ LAUNCH_KEYS = (
     "output_dir",
     "shared_dir",
     "lock_run",
+    "paths",  # where data and runs live (data.path, which is fixed, holds the one that matters)
+    "tags",
+    "require_tags",
+    "print_config",
+    "cpu_threads",
     "trainer",  # devices, strategy, max_steps, intervals (RECIPE_KEYS keeps precision)
     "logger",
     "launcher",
@@ -104,6 +109,7 @@ IMPLIED_KEYS = {
     "model.norm": "layernorm",
     "model.qk_norm": False,
     "data.features": False,  # batches of (x, y): no encoder features
+    "data.shuffle": True,
 }
 
 

@@ -76,6 +76,7 @@ class RunSummary(Callback):
             conditioning=model["conditioning"],
             objective=objective.rsplit(".", 1)[-1],
             seed=run_config.get("seed"),
+            tags=list(run_config.get("tags") or []),
             global_batch_size=run_config["data"]["global_batch_size"],
             config_group=config_group(run_config),
             overrides=list(overrides),

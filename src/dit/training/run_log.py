@@ -1,0 +1,121 @@
+"""What a run folder tells about its run: the resolved config as a tree (`config_tree.log`, as
+lightning-hydra-template's `print_config_tree`) and a log file that holds everything the run
+printed, not only what went through `logging`.
+
+Hydra's job logging writes `<run>/train.log` from Python's `logging`; `print` (resume decisions,
+FID lines, the sample summary) and Lightning's own messages bypass it: Lightning gives its logger a
+console handler of its own and stops propagation when the root logger has no handler at import time
+(lightning/pytorch/__init__.py and lightning/fabric/__init__.py, checked in 2.6.6), and train.py
+imports Lightning before Hydra configures logging.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import sys
+from pathlib import Path
+
+import rich
+import rich.syntax
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and the cursor moves of nested progress bars
+
+# The config's first sections in the tree; the others follow in the config's own order.
+TREE_ORDER = ("model", "data", "module", "trainer", "callbacks", "logger", "paths")
+
+
+def config_tree(cfg: DictConfig, path: Path | None = None, show: bool = True) -> rich.tree.Tree:
+    """The resolved config as a tree: one branch per top-level section, its YAML beneath; printed
+    (`show`), and saved as plain text to `path` (the run's config_tree.log)."""
+    tree = rich.tree.Tree("config", style="bold", guide_style="dim")
+    keys = [k for k in TREE_ORDER if k in cfg] + [k for k in cfg if k not in TREE_ORDER]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(rich.syntax.Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    if show:
+        rich.print(tree)
+    if path is not None:
+        with open(path, "w") as file:
+            rich.print(tree, file=file)  # a file is no terminal: rich writes no colour codes
+    return tree
+
+
+class LogCopy(io.TextIOBase):
+    """A console stream (stdout or stderr) that also appends what is written to a log file, line by
+    line. A progress bar redraws its line with '\\r'; the file keeps each line's last state only."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file, self.line = stream, file, ""
+
+    def write(self, text):
+        self.stream.write(text)
+        *done, self.line = (self.line + text).split("\n")
+        for line in done:
+            line = ANSI_ESCAPE.sub("", line.rsplit("\r", 1)[-1]).rstrip()
+            if line:
+                self.file.write(line + "\n")
+        self.line = self.line.rsplit("\r", 1)[-1]
+        if done:
+            self.file.flush()
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):  # tqdm and rich draw as they would on the console itself
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+def log_file_path(out: Path) -> Path:
+    """The file in the run folder that Hydra's job logging writes (a FileHandler of the root logger,
+    <run>/<job name>.log), or <run>/train.log."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == Path(out).absolute():
+            return Path(handler.baseFilename)
+    return Path(out) / "train.log"
+
+
+class RunLog:
+    """While open: print output and Lightning's log messages also go to the run's log file."""
+
+    def __init__(self, out: Path):
+        self.path = log_file_path(out)
+        self.handlers = []
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", buffering=1)
+        self.streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = LogCopy(sys.stdout, self.file), LogCopy(sys.stderr, self.file)
+        handler = logging.FileHandler(self.path)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        for name in LIGHTNING_LOGGERS:
+            logger = logging.getLogger(name)
+            if not logger.propagate:  # its messages never reach the root logger's file
+                logger.addHandler(handler)
+                self.handlers.append((logger, handler))
+        return self
+
+    def __exit__(self, *exc):
+        for logger, handler in self.handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        for copy in (sys.stdout, sys.stderr):
+            if isinstance(copy, LogCopy) and copy.line.strip():
+                copy.write("\n")  # a last line left without its newline (a bar that was not closed)
+        sys.stdout, sys.stderr = self.streams
+        self.file.close()
+        return False

@@ -1,0 +1,135 @@
+"""What users of lightning-hydra-template look for: debug= presets, a paths group, a git-ignored
+local/ override, tags (required for a multirun when asked), and a --help that lists the project's
+own groups."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import train
+from conftest import CONF, ROOT, compose_cfg, one_line_error, quick_cfg, run_train
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from dit.training.module import DiTModule
+
+
+@pytest.fixture
+def seen_labels(monkeypatch):
+    """The labels of every training batch, in order."""
+    seen = []
+    step = DiTModule.training_step
+
+    def spy(self, batch, batch_idx):
+        seen.append(batch[1].clone())
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(DiTModule, "training_step", spy)
+    return seen
+
+
+def test_debug_fdr_is_one_batch_and_no_checkpoint(tmp_path, digits_dir, seen_labels):
+    cfg = quick_cfg(tmp_path, digits_dir, "debug=fdr", "~callbacks.digits_accuracy")
+    assert cfg.logger is None and cfg.trainer.detect_anomaly and cfg.module.compile is False
+    train.main(cfg)
+    assert len(seen_labels) == 1 and (tmp_path / "samples" / "step_0000001.png").exists()
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))
+
+
+def test_debug_overfit_trains_on_one_batch_and_limit_on_many(tmp_path, digits_dir, seen_labels):
+    cfg = quick_cfg(
+        tmp_path / "overfit", digits_dir, "debug=overfit", "trainer.max_steps=4", "~callbacks.digits_accuracy"
+    )
+    assert cfg.trainer.overfit_batches == 1 and cfg.data.shuffle is False
+    train.main(cfg)
+    assert len(seen_labels) == 4 and all(torch.equal(seen_labels[0], y) for y in seen_labels)
+
+    seen_labels.clear()
+    out = tmp_path / "limit"
+    train.main(quick_cfg(out, digits_dir, "debug=limit", "~callbacks.digits_accuracy", "tags=[smoke,v1]"))
+    assert len(seen_labels) == 30 and not torch.equal(seen_labels[0], seen_labels[1])  # the shuffled data
+    assert sorted(p.name for p in out.glob("checkpoints/step=*.ckpt")) == [f"step={s:07d}.ckpt" for s in (10, 20, 30)]
+    assert sorted(p.name for p in out.glob("samples/step_*.png")) == [f"step_{s:07d}.png" for s in (10, 20, 30)]
+    assert json.loads((out / "summary.json").read_text())["tags"] == ["smoke", "v1"]
+
+
+def test_debug_profiler_reports_into_the_run_log(tmp_path, digits_dir):
+    out = tmp_path / "run"
+    train.main(quick_cfg(out, digits_dir, "debug=profiler", "trainer.max_steps=3", "~callbacks.digits_accuracy"))
+    log = (out / "train.log").read_text()
+    assert "FIT Profiler Report" in log and "run_training_batch" in log
+
+
+def test_debug_runs_live_apart_and_real_runs_in_the_paths_folders(tmp_path):
+    assert compose_cfg(["debug=limit"], tmp_path).paths.runs_dir == "outputs/debug"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["paths.runs_dir=/scratch/runs", "paths.data_dir=/scratch/data"],
+            return_hydra_config=True,
+        )
+    assert cfg.data.path == "/scratch/data/imagenet256_latents"
+    assert cfg.hydra.run.dir.startswith("/scratch/runs/") and cfg.hydra.sweep.dir.startswith("multirun/")
+
+
+def test_a_local_override_file_applies_and_git_ignores_it(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    local = conf / "local" / "default.yaml"
+    local.parent.mkdir(exist_ok=True)
+    local.write_text("# @package _global_\nseed: 7\npaths:\n  data_dir: /scratch/dit\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train")
+    assert cfg.seed == 7 and cfg.data.path == "/scratch/dit/imagenet256_latents"
+    local.unlink()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose("train").seed == 0
+    ignored = subprocess.run(["git", "check-ignore", "-q", "conf/local/default.yaml"], cwd=ROOT)
+    assert ignored.returncode == 0, "conf/local/default.yaml must be ignored by git"
+
+
+def test_a_multirun_without_tags_is_refused_when_tags_are_required(tmp_path, digits_dir):
+    result = run_train(
+        ["-m", "experiment=quickstart", f"data.path={digits_dir}", "patch=2,4", "require_tags=true"], cwd=tmp_path
+    )
+    assert result.returncode == 2
+    one_line_error(result.stderr, "require_tags=true", "tags=[")
+    assert not (tmp_path / "multirun").exists() or not list((tmp_path / "multirun").rglob("summary.json"))
+
+
+# Choices that --help leaves out on purpose: bases of other files, test-only presets, the parts of
+# callbacks=default, and the platform group that the trainer selects itself.
+NOT_LISTED = {
+    "model": {"default"},
+    "trainer": {"default", "xla_cpu"},
+    "debug": {"default"},
+    "callbacks": {"ema", "checkpoint", "stop_checkpoint", "nonfinite_guard", "rng_state", "throughput", "progress_bar"},
+}
+NOT_GROUPS = {"hydra", "platform", "local"}
+
+
+def test_help_lists_every_choice_of_the_project_and_hides_the_internal_ones(tmp_path):
+    result = run_train(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "python train.py experiment=quickstart" in text and "debug=fdr" in text
+    groups, current = {}, None
+    section = text.split("Config groups", 1)[1].split("Values often set", 1)[0]
+    for line in section.splitlines()[1:]:
+        match = re.match(r"  (\w+)\s{2,}(.*)", line)
+        if match:
+            current = match.group(1)
+            groups[current] = match.group(2)
+        elif current and line.strip():
+            groups[current] += " " + line.strip()
+    for folder in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name not in NOT_GROUPS):
+        assert folder.name in groups, f"--help does not list the group {folder.name}"
+        for choice in sorted(p.stem for p in folder.glob("*.yaml")):
+            listed = re.search(rf"\b{choice}\b", groups[folder.name]) is not None
+            assert listed != (choice in NOT_LISTED.get(folder.name, ())), (folder.name, choice, groups[folder.name])

@@ -1,0 +1,79 @@
+"""The run folder explains itself: the config tree (config_tree.log) and a log file that holds
+what the run printed and what Lightning logged (dit.training.run_log)."""
+
+import io
+import logging
+import sys
+
+from conftest import quick_cfg
+from omegaconf import OmegaConf
+
+from dit.training.run_log import LogCopy, RunLog, config_tree
+
+
+def test_a_log_copy_keeps_each_line_once_without_redraws_or_colours():
+    console, file = io.StringIO(), io.StringIO()
+    copy = LogCopy(console, file)
+    copy.write("bar  10%\rbar  50%\rbar 100%\n")  # a progress bar's redraws, then its last state
+    copy.write("\x1b[1mbold\x1b[0m and ")  # a colour code, a line written in two parts
+    copy.write("more\nlast without newline")
+    assert console.getvalue() == "bar  10%\rbar  50%\rbar 100%\n\x1b[1mbold\x1b[0m and more\nlast without newline"
+    assert file.getvalue() == "bar 100%\nbold and more\n"
+
+
+def test_the_config_tree_is_resolved_plain_text_with_a_branch_per_section(tmp_path):
+    cfg = OmegaConf.create({"data": {"latent_size": 8}, "model": {"input_size": "${data.latent_size}"}, "seed": 3})
+    config_tree(cfg, tmp_path / "config_tree.log", show=False)
+    text = (tmp_path / "config_tree.log").read_text()
+    assert "\x1b[" not in text
+    lines = text.splitlines()
+    assert lines[0] == "config" and lines[1].endswith("model") and lines[3].endswith("data")  # model first
+    assert "input_size: 8" in text and "${" not in text and lines[-1].endswith("3")
+
+
+def test_a_run_log_takes_prints_and_lightning_messages_and_then_lets_go(tmp_path, capsys):
+    lightning = logging.getLogger("lightning.pytorch")
+    handlers, stdout = list(lightning.handlers), sys.stdout
+    with RunLog(tmp_path) as log:
+        print("printed")
+        print("to stderr", file=sys.stderr)
+        lightning.info("from lightning")
+    print("after the run")
+    assert log.path == tmp_path / "train.log"
+    text = log.path.read_text()
+    assert "printed\n" in text and "to stderr\n" in text
+    assert lightning.propagate or "][lightning.pytorch][INFO] - from lightning" in text
+    assert "after the run" not in text
+    assert sys.stdout is stdout and lightning.handlers == handlers
+    assert "printed" in capsys.readouterr().out  # the console still shows it
+
+
+def test_a_run_prints_and_saves_its_tree_its_folder_and_its_model(tmp_path, digits_dir, capsys):
+    import train
+
+    out = tmp_path / "run"
+    cfg = quick_cfg(
+        out, digits_dir, "trainer.max_steps=2", "trainer.val_check_interval=2", "~callbacks.digits_accuracy"
+    )
+    train.main(cfg)
+    console = capsys.readouterr().out
+    log = (out / "train.log").read_text()
+    tree = (out / "config_tree.log").read_text()
+    assert tree.startswith("config\n") and "_target_: dit.models.DiT" in tree
+    for text in (console, log):
+        assert "run folder: " + str(out) in text
+        assert f"checkpoints:  {out / 'checkpoints'}" in text
+        assert "DiT-d4w128/2 (adaln_zero, 16 tokens): 1.27M parameters" in text
+        assert "_target_: dit.models.DiT" in text  # the tree
+        assert "Trainable params" in text  # Lightning's model summary
+    assert log.count("run folder: ") == 1 and log.count("Trainable params") == 1
+
+
+def test_print_config_false_keeps_the_tree_in_the_folder_only(tmp_path, digits_dir, capsys):
+    import train
+
+    out = tmp_path / "run"
+    cfg = quick_cfg(out, digits_dir, "trainer.max_steps=1", "~callbacks.digits_accuracy", "print_config=false")
+    train.main(cfg)
+    assert "_target_: dit.models.DiT" not in capsys.readouterr().out
+    assert "_target_: dit.models.DiT" in (out / "config_tree.log").read_text()

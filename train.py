@@ -170,8 +170,12 @@ def check_config(cfg):
             raise UsageError(f"{key} must be {what} of at least {smallest}, got {value!r}")
     if not (cfg.get("resume") is None or isinstance(cfg.resume, str)):
         raise UsageError(f"resume must be auto or a checkpoint path, got {cfg.resume!r}")
-    if cfg.get("accept_changes") not in (True, False):
-        raise UsageError(f"accept_changes must be true or false, got {cfg.get('accept_changes')!r}")
+    for key in ("accept_changes", "require_tags", "print_config"):
+        if cfg.get(key, False) not in (True, False):
+            raise UsageError(f"{key} must be true or false, got {cfg.get(key)!r}")
+    tags = cfg.get("tags")
+    if tags is not None and not (OmegaConf.is_list(tags) and all(isinstance(t, str) for t in tags)):
+        raise UsageError(f"tags must be a list of words, e.g. tags=[scaling,v2], got {tags!r}")
     accelerator = cfg.trainer.get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UsageError(

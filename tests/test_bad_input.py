@@ -137,6 +137,10 @@ def train_error(cfg, capsys):
             "module.init_from=/nowhere/DiT-XL-2-256x256.pt: no checkpoint file at",
         ),
         ("accept_changes=maybe", "accept_changes must be true or false, got 'maybe'"),
+        ("require_tags=yes_please", "require_tags must be true or false, got 'yes_please'"),
+        ("tags=scaling", "tags must be a list of words, e.g. tags=[scaling,v2], got 'scaling'"),
+        ("cpu_threads=0", "cpu_threads must be auto or an integer of at least 1, got 0"),
+        ("cpu_threads=all", "cpu_threads must be auto or an integer of at least 1, got 'all'"),
     ],
 )
 def test_bad_values_get_one_line(tmp_path, digits_dir, capsys, override, message):

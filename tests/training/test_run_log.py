@@ -31,8 +31,10 @@ def test_the_config_tree_is_resolved_plain_text_with_a_branch_per_section(tmp_pa
     assert "input_size: 8" in text and "${" not in text and lines[-1].endswith("3")
 
 
-def test_a_run_log_takes_prints_and_lightning_messages_and_then_lets_go(tmp_path, capsys):
+def test_a_run_log_takes_prints_and_lightning_messages_and_then_lets_go(tmp_path, capsys, monkeypatch):
     lightning = logging.getLogger("lightning.pytorch")
+    # as in train.py: Lightning was imported before Hydra set up logging, so it does not propagate
+    monkeypatch.setattr(lightning, "propagate", False)
     handlers, stdout = list(lightning.handlers), sys.stdout
     with RunLog(tmp_path) as log:
         print("printed")
@@ -42,7 +44,7 @@ def test_a_run_log_takes_prints_and_lightning_messages_and_then_lets_go(tmp_path
     assert log.path == tmp_path / "train.log"
     text = log.path.read_text()
     assert "printed\n" in text and "to stderr\n" in text
-    assert lightning.propagate or "][lightning.pytorch][INFO] - from lightning" in text
+    assert "][lightning.pytorch][INFO] - from lightning" in text
     assert "after the run" not in text
     assert sys.stdout is stdout and lightning.handlers == handlers
     assert "printed" in capsys.readouterr().out  # the console still shows it
@@ -77,3 +79,13 @@ def test_print_config_false_keeps_the_tree_in_the_folder_only(tmp_path, digits_d
     train.main(cfg)
     assert "_target_: dit.models.DiT" not in capsys.readouterr().out
     assert "_target_: dit.models.DiT" in (out / "config_tree.log").read_text()
+
+
+def test_a_crash_leaves_its_traceback_in_the_run_log(tmp_path):
+    try:
+        with RunLog(tmp_path):
+            raise RuntimeError("the loader died")
+    except RuntimeError:
+        pass
+    text = (tmp_path / "train.log").read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: the loader died" in text

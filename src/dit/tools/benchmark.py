@@ -119,8 +119,11 @@ class StepTimer(Callback):
 
     def __init__(self, warmup):
         self.warmup = warmup
-        self.start = self.end = None
+        self.begin = self.start = self.end = None
         self.steps = 0
+
+    def on_train_start(self, trainer, module):
+        self.begin = _now(module.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup:
@@ -175,7 +178,11 @@ def benchmark_training(args, kwargs, accelerator):
     reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else float("nan")  # what nvidia-smi sees, roughly
     images = args.batch_size * trainer.world_size * timer.steps
     return trainer, dict(
-        step_ms=1e3 * seconds / timer.steps, images_per_sec=images / seconds, peak_gib=peak, reserved_gib=reserved
+        step_ms=1e3 * seconds / timer.steps,
+        images_per_sec=images / seconds,
+        peak_gib=peak,
+        reserved_gib=reserved,
+        warmup_s=timer.start - timer.begin,  # compilation (from torch's caches on a second run) and the first steps
     )
 
 
@@ -261,6 +268,7 @@ def main(argv=None):
     fwd = forward_gflop(kwargs)
     result = dict(
         model=args.model,
+        warmup=args.warmup,
         objective=args.objective,
         image_size=args.image_size,
         precision=args.precision,
@@ -332,6 +340,7 @@ def report(r):
             f"step {r['train_step_ms']:.1f} ms, peak memory {r['train_peak_gib']:.2f} GiB allocated / {r['train_reserved_gib']:.2f} reserved, "
             f"{r['train_tflops_per_device']:.1f} TFLOP/s per device = {100 * r['train_mfu']:.1f}% of the matmul rate"
         )
+        print(f"  warm-up: {r['train_warmup_s']:.1f} s for the first {r['warmup']} steps (compilation included)")
     if "sampler_images_per_sec" in r:
         print(
             f"  sampler, batch {r['sample_batch_size']} ({r['sampler_nfe']} evaluations, "

@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import rich
@@ -109,7 +110,10 @@ class RunLog:
                 self.handlers.append((logger, handler))
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, trace):
+        if kind is not None and not issubclass(kind, SystemExit):
+            # the crash's traceback: Hydra prints it to the console after this has let go of it
+            self.file.write("".join(traceback.format_exception(kind, error, trace)))
         for logger, handler in self.handlers:
             logger.removeHandler(handler)
             handler.close()

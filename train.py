@@ -258,12 +258,19 @@ def run_and_report(cfg):
         sys.exit(USAGE_EXIT_CODE)
 
 
+CPU_THREADS = {}  # (setting, processes): the choice, made once per process
+
+
 def set_cpu_threads(cfg):
-    """torch's thread count for a run on the CPU (dit.platform.cpu_threads: a busy machine thrashes)."""
+    """torch's thread count for a run on the CPU (dit.platform.cpu_threads: a busy machine thrashes).
+    Chosen once per process: a multirun's later jobs would read the load of the jobs before them."""
     if cfg.trainer.get("accelerator") != "cpu":
         return
     devices = cfg.trainer.get("devices")
-    threads, why = choose_cpu_threads(cfg.get("cpu_threads", "auto"), devices if isinstance(devices, int) else 1)
+    key = (cfg.get("cpu_threads", "auto"), devices if isinstance(devices, int) else 1)
+    if key not in CPU_THREADS:
+        CPU_THREADS[key] = choose_cpu_threads(*key)
+    threads, why = CPU_THREADS[key]
     if threads is not None:
         torch.set_num_threads(threads)
     if rank_zero_only.rank == 0:
@@ -395,13 +402,15 @@ def where_things_go(out, trainer, cfg):
         {str(c.dirpath) for c in trainer.callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint))}
     )
     metrics = [str(logger.log_dir) for logger in trainer.loggers if getattr(logger, "log_dir", None)]
-    every = cfg.trainer.get("val_check_interval")
+    every = f"every {cfg.trainer.get('val_check_interval')} steps"
+    if trainer.fast_dev_run:  # Lightning writes no checkpoint and no metrics, and draws one grid
+        checkpoints, metrics, every = ["none (fast_dev_run)"], ["none (fast_dev_run)"], "once, at step 1"
     lines = [
         f"run folder: {out}",
-        f"  log:          {log_file_path(out)} (everything this run prints)",
+        f"  log:          {log_file_path(out)} (everything this run prints but progress bars)",
         f"  config:       {out / 'config_tree.log'} (resolved), {out / '.hydra'} (as composed), manifest.json",
         f"  checkpoints:  {', '.join(checkpoints) or 'none (no checkpoint callback)'}",
-        f"  samples:      {out / 'samples'} (the EMA grid every {every} steps)",
+        f"  samples:      {out / 'samples'} (the EMA grid {every})",
         f"  metrics:      {', '.join(metrics) or 'no logger'}; {out / 'summary.json'}",
     ]
     return "\n".join(lines)

@@ -57,8 +57,7 @@ class ProfilingTimer(benchmark.StepTimer):
             if s is None:
                 print("  no GPU kernels in the trace")
             else:
-                # GFLOP a step (batch: latents, labels)
-                report(s, 3 * benchmark.forward_gflop(module.hparams.model) * len(batch[1]))
+                report(s, self.train_gflop_per_image * len(batch[1]))  # GFLOP a step (batch: latents, labels)
 
 
 def allreduce_mean(process_group, bucket):
@@ -92,8 +91,11 @@ def main():
     for key, value in json.loads(os.environ.get("DYNAMO", "{}")).items():
         setattr(torch._dynamo.config, key, value)
     if os.environ.get("PROFILE"):
-        if benchmark.parse_args(sys.argv[1:]).warmup < 1 + PROFILED_STEPS:
+        args = benchmark.parse_args(sys.argv[1:])
+        if args.warmup < 1 + PROFILED_STEPS:
             raise SystemExit(f"PROFILE profiles warm-up steps: give --warmup {1 + PROFILED_STEPS} or more")
+        kwargs = benchmark.model_kwargs(args.model, args.image_size)
+        ProfilingTimer.train_gflop_per_image = 3 * benchmark.forward_gflop(kwargs)
         benchmark.StepTimer = ProfilingTimer
     if "DDP" in os.environ:
         benchmark.DDP_OPTIONS = json.loads(os.environ["DDP"])

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from dit.training.module import DiTModule
+from dit.training.sweep_tags import swept_tags
 
 
 @pytest.fixture
@@ -31,12 +32,15 @@ def seen_labels(monkeypatch):
     return seen
 
 
-def test_debug_fdr_is_one_batch_and_no_checkpoint(tmp_path, digits_dir, seen_labels):
-    cfg = quick_cfg(tmp_path, digits_dir, "debug=fdr", "~callbacks.digits_accuracy")
+def test_debug_fdr_is_one_batch_and_no_checkpoint(tmp_path, digits_dir, seen_labels, capsys):
+    cfg = quick_cfg(tmp_path, digits_dir, "debug=fdr")  # the quickstart's digits check included
     assert cfg.logger is None and cfg.trainer.detect_anomaly and cfg.module.compile is False
     train.main(cfg)
     assert len(seen_labels) == 1 and (tmp_path / "samples" / "step_0000001.png").exists()
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))
+    out = capsys.readouterr().out
+    assert "digits: the accuracy check is skipped under fast_dev_run" in out
+    assert "checkpoints:  none (fast_dev_run)" in out and "(the EMA grid once, at step 1)" in out
 
 
 def test_debug_overfit_trains_on_one_batch_and_limit_on_many(tmp_path, digits_dir, seen_labels):
@@ -135,3 +139,8 @@ def test_help_lists_every_choice_of_the_project_and_hides_the_internal_ones(tmp_
         for choice in sorted(p.stem for p in folder.glob("*.yaml")):
             listed = re.search(rf"\b{choice}\b", groups[folder.name]) is not None
             assert listed != (choice in NOT_LISTED.get(folder.name, ())), (folder.name, choice, groups[folder.name])
+
+
+def test_tags_swept_on_the_command_line_count_as_tags():
+    assert swept_tags(["patch=2,4", "tags=[a],[b]"]) and swept_tags(["+tags=[x]"])
+    assert not swept_tags(["patch=2,4"]) and not swept_tags(["tags=[]"]) and not swept_tags(["require_tags=true"])

@@ -43,3 +43,14 @@ def test_a_cpu_run_sets_the_thread_count_and_says_why(tmp_path, digits_dir, caps
         assert "CPU threads: 1 (cpu_threads=1)" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_choice_is_made_once_per_process(tmp_path, digits_dir, monkeypatch):
+    """A multirun's later jobs would otherwise read their predecessors' load as other work."""
+    calls = []
+    monkeypatch.setattr(train, "CPU_THREADS", {})
+    monkeypatch.setattr(train, "choose_cpu_threads", lambda *key: calls.append(key) or (None, "chosen"))
+    cfg = quick_cfg(tmp_path, digits_dir)
+    train.set_cpu_threads(cfg)
+    train.set_cpu_threads(cfg)
+    assert calls == [("auto", 1)]

@@ -11,14 +11,24 @@ from omegaconf import OmegaConf
 from dit.training.run_log import LogCopy, RunLog, config_tree
 
 
-def test_a_log_copy_keeps_each_line_once_without_redraws_or_colours():
+def test_a_log_copy_keeps_printed_lines_and_leaves_progress_bars_on_the_console():
     console, file = io.StringIO(), io.StringIO()
     copy = LogCopy(console, file)
-    copy.write("bar  10%\rbar  50%\rbar 100%\n")  # a progress bar's redraws, then its last state
-    copy.write("\x1b[1mbold\x1b[0m and ")  # a colour code, a line written in two parts
-    copy.write("more\nlast without newline")
-    assert console.getvalue() == "bar  10%\rbar  50%\rbar 100%\n\x1b[1mbold\x1b[0m and more\nlast without newline"
-    assert file.getvalue() == "bar 100%\nbold and more\n"
+    written = [
+        "bar  10%\rbar  50%\rbar 100%\n",  # a progress bar's redraws and its last state
+        "\x1b[1mbold\x1b[0m and ",  # a colour code, a line written in two parts
+        "more\n",
+        "\router 1/3\n\rinner 5/50\x1b[A\router 1/3\n",  # a bar beneath another: down, draw, up
+        "\r          \r",  # a bar cleared on close (leave=False) ...
+        "step 3: FID 4.2\n",  # ... and a line printed after it
+        "windows line\r\n",
+        "last without newline",
+    ]
+    for text in written:
+        copy.write(text)
+    assert console.getvalue() == "".join(written)
+    assert file.getvalue() == "bold and more\nstep 3: FID 4.2\nwindows line\n"
+    assert copy.writable() and copy.getvalue() == console.getvalue()  # the rest is the console's own
 
 
 def test_the_config_tree_is_resolved_plain_text_with_a_branch_per_section(tmp_path):

@@ -2,9 +2,9 @@
 
 torch starts one thread per core. On a machine that is already busy, its threads wait on each
 other at every parallel region and the run thrashes: on a 2-core machine with another torch
-process computing, 300 steps of the quickstart took over 200 s with 2 threads and 84 s with one
-(docs/benchmarks.md, "Threads on a busy laptop"). On a quiet machine one thread per core is the
-fastest (41 s against 51 s there). `cpu_threads=auto` therefore takes the cores that the load
+process computing, 300 steps of the quickstart took 333 s with 2 threads and 62 s with one
+(docs/benchmarks.md §11, "Threads on a busy laptop"). On a quiet machine one thread per core is the
+fastest (37 s against 57 s there). `cpu_threads=auto` therefore takes the cores that the load
 average leaves free, and never fewer than one. The 1-minute average lags: a run started within a
 minute or so of other heavy work takes fewer threads than it could.
 """

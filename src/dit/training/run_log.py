@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+CURSOR_UP = "\x1b[A"  # tqdm's move back up to a bar above, after drawing one beneath it
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and the cursor moves of nested progress bars
 
 # The config's first sections in the tree; the others follow in the config's own order.
@@ -49,25 +52,36 @@ def config_tree(cfg: DictConfig, path: Path | None = None, show: bool = True) ->
 
 class LogCopy(io.TextIOBase):
     """A console stream (stdout or stderr) that also appends what is written to a log file, line by
-    line. A progress bar redraws its line with '\\r'; the file keeps each line's last state only."""
+    line. Progress bars stay on the console only: a bar redraws its line after a carriage return,
+    and a bar beneath another moves the cursor up ('\x1b[A'); a line that does either is not kept.
+    What is written straight to the file descriptor (`fileno()`: child processes) bypasses the copy."""
 
     def __init__(self, stream, file):
-        self.stream, self.file, self.line = stream, file, ""
+        self.stream, self.file, self.line, self.redraw = stream, file, "", False
 
     def write(self, text):
         self.stream.write(text)
-        *done, self.line = (self.line + text).split("\n")
-        for line in done:
-            line = ANSI_ESCAPE.sub("", line.rsplit("\r", 1)[-1]).rstrip()
-            if line:
-                self.file.write(line + "\n")
-        self.line = self.line.rsplit("\r", 1)[-1]
-        if done:
-            self.file.flush()
+        if self.file.closed:  # kept by an object after the run let go of the console
+            return len(text)
+        for piece in re.split(r"(\n)", text.replace("\r\n", "\n")):
+            if piece == "\n":
+                line = ANSI_ESCAPE.sub("", self.line).rstrip()
+                if line and not self.redraw:
+                    self.file.write(line + "\n")
+                self.line, self.redraw = "", False
+            elif "\r" in piece:
+                self.line, self.redraw = piece.rsplit("\r", 1)[-1], True
+            elif piece:
+                self.redraw = (self.redraw and bool(self.line)) or CURSOR_UP in piece
+                self.line += piece
+        self.file.flush()
         return len(text)
 
     def flush(self):
         self.stream.flush()
+
+    def writable(self):
+        return True
 
     def isatty(self):  # tqdm and rich draw as they would on the console itself
         return self.stream.isatty()
@@ -78,6 +92,11 @@ class LogCopy(io.TextIOBase):
     @property
     def encoding(self):
         return getattr(self.stream, "encoding", "utf-8")
+
+    def __getattr__(self, name):  # buffer, name, mode, line_buffering ...: the console's own
+        if name == "stream":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.stream, name)
 
 
 def log_file_path(out: Path) -> Path:
@@ -99,6 +118,10 @@ class RunLog:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1)
+        # a resumed or refused launch appends to the same file: where each launch starts
+        self.file.write(
+            f"---- launch at {time.strftime('%Y-%m-%d %H:%M:%S')}, pid {os.getpid()}: {' '.join(sys.argv)}\n"
+        )
         self.streams = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = LogCopy(sys.stdout, self.file), LogCopy(sys.stderr, self.file)
         handler = logging.FileHandler(self.path)
@@ -118,8 +141,8 @@ class RunLog:
             logger.removeHandler(handler)
             handler.close()
         for copy in (sys.stdout, sys.stderr):
-            if isinstance(copy, LogCopy) and copy.line.strip():
-                copy.write("\n")  # a last line left without its newline (a bar that was not closed)
+            if isinstance(copy, LogCopy) and copy.line.strip() and not copy.redraw:
+                copy.write("\n")  # a last line printed without its newline
         sys.stdout, sys.stderr = self.streams
         self.file.close()
         return False

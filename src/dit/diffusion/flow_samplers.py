@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from dit.diffusion.flow import SAMPLE_EPS, FlowProcess, is_flow, shift_time
 from dit.diffusion.guidance import as_guidance
-from dit.diffusion.samplers import Sampler
+from dit.diffusion.samplers import Sampler, steps_bar
 from dit.errors import UsageError, number
 from dit.platform.xla_ops import end_step
 
@@ -83,8 +82,7 @@ class FlowSampler(Sampler):
         # The grid as a device tensor rolled one place a step, so that each step reads its times
         # from the same places: one graph for every step, no host value baked into it (XLA).
         grid = torch.tensor(times + [times[-1]], device=x.device)
-        desc = progress if isinstance(progress, str) else "sampling"
-        for i in tqdm(range(self.steps), desc=desc, disable=not progress):
+        for i in steps_bar(range(self.steps), progress):
             t, t_next = grid[0].expand(x.shape[0]), grid[1].expand(x.shape[0])
             x = self.step(process, guidance, x, t, t_next, times[i], times[i + 1], model_kwargs)
             grid = grid.roll(-1)
@@ -217,8 +215,7 @@ class EulerMaruyama(FlowSampler):
         times = self.grid(start, max(end, low), self.steps - 1)  # the last evaluation is the last step
         grid = torch.tensor(times + [times[-1]], device=x.device)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        desc = progress if isinstance(progress, str) else "sampling"
-        for i in tqdm(range(len(times) - 1), desc=desc, disable=not progress):
+        for i in steps_bar(range(len(times) - 1), progress):
             t, t_next = grid[0].expand(x.shape[0]), grid[1].expand(x.shape[0])
             h = (t - t_next).view(shape)
             v, s = self._drift_parts(process, guidance.at(times[i]), x, t, model_kwargs)

@@ -29,6 +29,11 @@ from dit.errors import UsageError
 from dit.platform.xla_ops import end_step
 
 
+def steps_bar(steps, progress, total=None):
+    """A sampler's steps with a progress bar: `progress` False (none), True ("sampling") or the bar's label."""
+    return tqdm(steps, total=total, desc=progress if isinstance(progress, str) else "sampling", disable=not progress)
+
+
 class Sampler:
     """Base class: the loop from x_T to x_0 over the kept steps; subclasses define one `step`.
 
@@ -98,9 +103,7 @@ class Sampler:
         # runs the same graph (torch.compile, XLA) with no host-to-device copy.
         t = torch.full((x.shape[0],), process.num_timesteps - 1, device=x.device, dtype=torch.long)
         with torch.no_grad():
-            steps = reversed(range(process.num_timesteps))
-            desc = progress if isinstance(progress, str) else None
-            for i in tqdm(steps, total=process.num_timesteps, desc=desc, disable=not progress):
+            for i in steps_bar(reversed(range(process.num_timesteps)), progress, process.num_timesteps):
                 x = self.step(process, guidance.at(times[i]), x, t, model_kwargs or {}, generator)
                 t = t - 1
                 end_step(x)

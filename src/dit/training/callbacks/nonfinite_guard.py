@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
 
 from dit.platform.compat import skip_update_where
 
@@ -19,7 +20,8 @@ class NonFiniteGuard(Callback):
     or a CPU) the skip happens on the device (`found_inf`) and the counts are read on the host once
     per logging interval; with any other optimizer the norm is read on the host every step and a
     bad step's gradients are dropped (the optimizer then skips every parameter). The gradients are
-    those after DDP's all-reduce, the same on every rank, so all ranks skip together.
+    those after DDP's all-reduce, the same on every rank, so all ranks skip together; under FSDP
+    each rank holds a shard of them, and the norm is the total over the shards, on every rank.
     """
 
     def __init__(self, max_in_a_row: int = 10):
@@ -34,6 +36,8 @@ class NonFiniteGuard(Callback):
             return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # FSDP: each rank holds a shard's norm; the total, on every rank
+            norm = norm.full_tensor()
         if logged:
             pl_module.log("train/grad_norm", norm)
         if not self.max_in_a_row:

@@ -30,27 +30,20 @@ def update_ema(ema, model, decay=0.9999):
         ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiT-XL/2")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--json")
-    args = p.parse_args()
+def official_step(model_name="DiT-XL/2", image_size=256, batch_size=32, steps=30, warmup=8):
+    """Time the official step; returns images/s and the step time."""
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = DiT_models[args.model](input_size=args.image_size // 8).to(device)
+    model = DiT_models[model_name](input_size=image_size // 8).to(device)
     ema = deepcopy(model).requires_grad_(False)
     diffusion = create_diffusion("")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     compiled = torch.compile(model)
-    x = torch.randn(args.batch_size, 4, args.image_size // 8, args.image_size // 8, device=device)
-    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    x = torch.randn(batch_size, 4, image_size // 8, image_size // 8, device=device)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
     model.train()
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
+    for i in range(warmup + steps):
+        if i == warmup:
             torch.cuda.synchronize()
             start = time.perf_counter()
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
@@ -62,13 +55,25 @@ def main():
         update_ema(ema, model)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = dict(
-        model=args.model,
-        batch_size=args.batch_size,
+    return dict(
+        model=model_name,
+        batch_size=batch_size,
         device=torch.cuda.get_device_name(),
-        images_per_sec=args.batch_size * args.steps / seconds,
-        step_ms=1e3 * seconds / args.steps,
+        images_per_sec=batch_size * steps / seconds,
+        step_ms=1e3 * seconds / steps,
     )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-XL/2")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--json")
+    args = p.parse_args()
+    result = official_step(args.model, args.image_size, args.batch_size, args.steps, args.warmup)
     print(
         f"official loop (bf16 autocast + torch.compile), {args.model}, batch {args.batch_size} on {result['device']}: "
         f"{result['images_per_sec']:.1f} images/s, step {result['step_ms']:.1f} ms"

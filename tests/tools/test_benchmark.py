@@ -31,7 +31,11 @@ def test_benchmark_command_on_cpu(tmp_path, capsys):
     # 3 DDPM steps, each one batched forward over the conditional and unconditional halves
     assert r["sampler_forwards_per_image"] == 6 and 0 < r["sampler_mfu"] < 1
     printed = capsys.readouterr().out
-    assert "% of the matmul rate" in printed and "sampler, batch 2" in printed
+    assert "% of the sustained matmul rate" in printed and "sampler, batch 2" in printed
+    # the burst rate: its own figure, and the share against it follows from it
+    assert r["matmul_burst_tflops"] > 0 and r["train_mfu_burst"] == pytest.approx(
+        r["train_tflops_per_device"] / r["matmul_burst_tflops"]
+    )
 
 
 @pytest.mark.parametrize("objective", ["flow", "repa"])

@@ -196,3 +196,22 @@ def test_scaling_command_with_the_real_benchmark_on_cpu(benchmark_scripts, capsy
     one, two = results[1, 2], results[2, 2]
     assert (one["devices"], one["batch_size"], two["devices"], two["batch_size"], two["ddp"]) == (1, 2, 2, 2, True)
     assert "of linear" in capsys.readouterr().out
+
+
+def test_loss_curves_compares_windowed_means(benchmark_scripts, tmp_path, capsys):
+    """Means over windows of steps, and each run's largest gap to the first, worked by hand."""
+    import loss_curves
+
+    def metrics(name, losses):
+        path = tmp_path / name / "csv" / "version_0" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        rows = [f"{step},{loss},\n" for step, loss in losses] + ["4,,512.0\n"]  # another metric's row
+        path.write_text("step,train/loss,train/images_per_sec\n" + "".join(rows))
+        return str(path)
+
+    a = metrics("a", [(0, 1.0), (1, 3.0), (2, 2.0), (3, 2.0)])  # windows of 2: means 2.0, 2.0
+    b = metrics("b", [(0, 1.5), (1, 2.5), (2, 1.0), (3, 2.0)])  # 2.0, 1.5: largest gap 0.5
+    assert loss_curves.windowed_means(a, "train/loss", 2) == {0: 2.0, 2: 2.0}
+    loss_curves.main([a, b, "--window", "2"])
+    printed = capsys.readouterr().out
+    assert "largest gap of b to a: 0.50000" in printed and "2-3" in printed

@@ -24,6 +24,9 @@ from dit.errors import UsageError
 from dit.evaluation.images import make_grid, save_png
 from dit.models import DiT, backbone_state_dict, describe_state_dict
 from dit.training.checkpoints import load_weights_file
+from dit.training.float8 import LAYERS as FLOAT8_LAYERS
+from dit.training.float8 import check_float8, check_float8_device, convert_blocks_to_float8
+from dit.training.fsdp import fsdp_compile_mode
 
 COMPILE_CHOICES = (True, False, "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # What "auto" means on a CUDA device: CUDA graphs replay the step's hundreds of kernel launches at
@@ -48,6 +51,10 @@ class DiTModule(LightningModule):
         compile: compile the backbone's forward with torch.compile: true, false, "auto" (on CUDA
             devices only: compiling pays for itself within minutes there, not on a CPU), or one of
             torch.compile's modes ("reduce-overhead" adds CUDA graphs, "max-autotune" ...).
+        float8: null, or a torchao float8 recipe ("tensorwise", "rowwise", "rowwise_with_gw_hp") for
+            the matmuls of the blocks' `float8_layers` (dit.training.float8); weights, EMA and the
+            diffusion math keep their precision.
+        float8_layers: which of a block's linears run in float8: qkv, proj, fc1, fc2.
     """
 
     def __init__(
@@ -60,6 +67,8 @@ class DiTModule(LightningModule):
         sampling: dict,
         init_from: str | None = None,
         compile: bool | str = "auto",
+        float8: str | None = None,
+        float8_layers: tuple[str, ...] = FLOAT8_LAYERS,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "objective", "sampler"])
@@ -80,11 +89,14 @@ class DiTModule(LightningModule):
         self.sampler = sampler
         # Refused now, not at the first grid: a sampler of the other kind of process, bad guidance.
         sampler.process(self.diffusion_options)
+        if float8:
+            check_float8(float8, float8_layers)
         check_guidance(sampling["guidance"], sampling.get("guidance_interval", (0.0, 1.0)), "module.sampling")
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
         self._grid = []
         self._compiled = False
+        self._float8_layers = []  # the linears converted to float8 (setup)
 
     def check_data(self, datamodule) -> None:
         """An objective that aligns to encoder features (REPA) gets data that carry them, of a shape
@@ -104,9 +116,17 @@ class DiTModule(LightningModule):
             self.check_data(self.trainer.datamodule)
         if stage != "fit" or self._compiled:  # Lightning calls setup for each fit/validate/test
             return
+        if self.hparams.float8 and not self._float8_layers:
+            # Before compiling, so the compiled graphs hold the float8 casts (fused into their producers).
+            check_float8_device(self.hparams.float8, self.trainer.strategy.root_device)
+            self._float8_layers = convert_blocks_to_float8(self.model, self.hparams.float8, self.hparams.float8_layers)
         compile = self.hparams.compile
         if compile not in COMPILE_CHOICES:
             raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
+        if getattr(self.trainer.strategy, "shards_model", False):
+            # Under FSDP the blocks are compiled one by one as they are sharded (configure_model).
+            fsdp_compile_mode(compile, self.trainer.strategy.root_device.type)  # a bad mode: one line, now
+            return
         if compile == "auto":
             compile = CUDA_COMPILE_MODE if self.trainer.strategy.root_device.type == "cuda" else False
         if compile:
@@ -118,6 +138,16 @@ class DiTModule(LightningModule):
             # dozens of small fp32 ops then fuse instead of each being a kernel launch.
             self._losses = torch.compile(self._losses, mode=mode)
             self._compiled = True
+
+    def configure_model(self):
+        """Shard the backbone where the strategy shards (trainer=fsdp: dit.training.fsdp); a no-op
+        under every other strategy. Lightning calls this after `setup`, before the optimizer."""
+        strategy = self.trainer.strategy
+        if not getattr(strategy, "shards_model", False) or self._compiled:
+            return
+        mode = fsdp_compile_mode(self.hparams.compile, strategy.root_device.type)
+        strategy.shard(self.model, self.objective_modules, mode)
+        self._compiled = True  # sharded (and compiled) once, whatever the number of fits
 
     # ------------------------------------------------------------------ training
 

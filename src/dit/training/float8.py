@@ -1,0 +1,78 @@
+"""FP8 training of the blocks' linear layers with torchao's float8 recipes (`module.float8`).
+
+torchao's `Float8Linear` keeps the fp32 master weight (the same parameter, so the optimizer, the
+EMA, checkpoints and exports see an unchanged model) and casts the weight, the layer's input and
+its output gradient to float8 e4m3 on every call, with scales computed on the fly from their
+absolute maxima: one scale a tensor ("tensorwise", cuBLAS's kernel) or one a row ("rowwise",
+CUTLASS's; "rowwise_with_gw_hp" keeps the weight gradient's matmul in bf16). Everything else
+stays as under bf16-mixed: the attention, the norms and the adaLN modulation, the diffusion math
+and the loss in fp32.
+
+Only the layers named in `module.float8_layers` are converted. At DiT-XL/2's width the casts cost
+more than the fp8 matmul saves in some layers: docs/benchmarks.md measures each layer set.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dit.errors import UsageError
+
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+LAYERS = ("qkv", "proj", "fc1", "fc2")  # a block's attention and MLP linears (dit.models.dit)
+
+
+def check_float8(recipe, layers) -> None:
+    """One line for a recipe or a layer list that cannot work, or torchao missing."""
+    if recipe not in RECIPES:
+        raise UsageError(f"module.float8={recipe!r}; use null or one of {', '.join(RECIPES)}")
+    unknown = [name for name in layers or () if name not in LAYERS]
+    if not layers or unknown:
+        raise UsageError(f"module.float8_layers={list(layers or [])}; list one or more of {', '.join(LAYERS)}")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"module.float8={recipe} needs torchao: pip install torchao (the release built for your torch)"
+        ) from None
+
+
+def check_float8_device(recipe, device: torch.device) -> None:
+    """One line for a device that cannot run the recipe."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UsageError(
+            f"module.float8={recipe} needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(device)} has none: set module.float8=null"
+        )
+    # torch's CPU float8 matmul takes one scale per tensor only (torch 2.9); the CPU is for tests.
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and recipe != "tensorwise"):
+        raise UsageError(
+            f"module.float8={recipe} runs on CUDA GPUs (tensorwise also on the CPU); set module.float8=null"
+        )
+
+
+def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]:
+    """Swap the chosen linears of `model.blocks` for torchao's Float8Linear, in place; returns the
+    names of the converted layers. Parameters keep their names and order."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen = set(layers)
+    converted = []
+
+    def wanted(module, name):
+        # float8 matmuls need both dimensions divisible by 16 (cuBLAS); every DiT width is.
+        take = (
+            isinstance(module, nn.Linear)
+            and name.rsplit(".", 1)[-1] in chosen
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+        if take:
+            converted.append(f"blocks.{name}")
+        return take
+
+    convert_to_float8_training(
+        model.blocks, module_filter_fn=wanted, config=Float8LinearConfig.from_recipe_name(recipe)
+    )
+    return converted

@@ -74,4 +74,5 @@ def test_bad_float8_settings_are_one_line():
         check_float8("tensorwise", [])
     with pytest.raises(UsageError, match="module.float8=rowwise runs on CUDA GPUs"):
         check_float8_device("rowwise", torch.device("cpu"))
+    check_float8("tensorwise", "qkv")  # one layer given as a plain value (module.float8_layers=qkv)
     check_float8_device("tensorwise", torch.device("cpu"))  # the CPU's float8 matmul takes one scale a tensor

@@ -12,7 +12,7 @@ from conftest import QUICK, ROOT, child_env, compose_cfg
 from hydra.utils import instantiate
 
 from dit.errors import UsageError
-from dit.training.fsdp import fsdp_compile_mode
+from dit.training.fsdp import FSDP, fsdp_compile_mode
 
 TWO_RANKS = [
     "experiment=quickstart",
@@ -127,6 +127,11 @@ def test_the_2b_preset(tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 2.0e9
     assert (len(model.blocks), model.pos_embed.shape[-1], model.num_heads) == (28, 2048, 16)
     assert cfg.trainer.strategy._target_ == "dit.training.fsdp.FSDP"
+
+
+def test_a_bad_reshard_setting_is_one_line():
+    with pytest.raises(UsageError, match="trainer.strategy.reshard_after_forward='maybe'; give true or false"):
+        FSDP(reshard_after_forward="maybe")
 
 
 def test_compile_modes_under_fsdp():

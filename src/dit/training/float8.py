@@ -25,6 +25,8 @@ LAYERS = ("qkv", "proj", "fc1", "fc2")  # a block's attention and MLP linears (d
 
 def check_float8(recipe, layers) -> None:
     """One line for a recipe or a layer list that cannot work, or torchao missing."""
+    if isinstance(layers, str):  # module.float8_layers=qkv: one layer, not its letters
+        layers = [layers]
     if recipe not in RECIPES:
         raise UsageError(f"module.float8={recipe!r}; use null or one of {', '.join(RECIPES)}")
     unknown = [name for name in layers or () if name not in LAYERS]
@@ -57,7 +59,7 @@ def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]
     names of the converted layers. Parameters keep their names and order."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    chosen = set(layers)
+    chosen = {layers} if isinstance(layers, str) else set(layers)
     converted = []
 
     def wanted(module, name):

@@ -38,6 +38,8 @@ class FSDP(ModelParallelStrategy):
     shards_model = True  # DiTModule.configure_model asks the strategy to shard it
 
     def __init__(self, reshard_after_forward: bool = True, process_group_backend=None, **kwargs):
+        if not isinstance(reshard_after_forward, bool):
+            raise UsageError(f"trainer.strategy.reshard_after_forward={reshard_after_forward!r}; give true or false")
         super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend, **kwargs)
         self.reshard_after_forward = reshard_after_forward
 

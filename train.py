@@ -182,6 +182,13 @@ def check_config(cfg):
             f"trainer.accelerator={accelerator} but no CUDA GPU is visible (torch.cuda.is_available() is False); "
             "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
         )
+    devices = cfg.trainer.get("devices")
+    if accelerator == "cpu" and not (isinstance(devices, int) and devices > 0 or devices == "auto"):
+        # trainer=ddp|fsdp ask for every GPU (devices: -1), which a CPU cannot count
+        raise UsageError(
+            f"trainer.devices={devices} with trainer.accelerator=cpu: give the number of CPU processes, "
+            "e.g. trainer.devices=2"
+        )
     if accelerator == "tpu":
         choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None
         preset = f"trainer={choice}" if str(choice).startswith("tpu") else "trainer.accelerator=tpu"  # what was typed

@@ -35,6 +35,10 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         ("module.optimizer.lr=fast", "module.optimizer.lr must be a number, got 'fast'"),
         ("trainer=gpu", "no CUDA GPU is visible (torch.cuda.is_available() is False); use trainer=cpu"),
         ("trainer=tpu_v3", "this machine has no TPU; use trainer=gpu or trainer=cpu"),
+        (
+            ["trainer=ddp", "trainer.accelerator=cpu"],
+            "trainer.devices=-1 with trainer.accelerator=cpu: give the number",
+        ),
         ("callbacks=fid", "callbacks.fid.ref needs a value (the FID reference: statistics"),  # a ??? left unset
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
@@ -44,7 +48,8 @@ def test_config_mistakes(tmp_path, digits_dir, capsys, override, message):
     import train
     from conftest import compose_cfg
 
-    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "logger=none", override], tmp_path)
+    overrides = override if isinstance(override, list) else [override]
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "logger=none", *overrides], tmp_path)
     if message is None:
         train.main(cfg)
         return

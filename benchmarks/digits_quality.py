@@ -5,10 +5,13 @@ the run's own final check (batch 0 of seed 0), with the run's sampler unless `sa
 
     python benchmarks/digits_quality.py outputs/quickstart/checkpoints/last.ckpt --scales 1 4
     python benchmarks/digits_quality.py outputs/flow/checkpoints/last.ckpt sampler=heun sampler.steps=25
+    # the .npz files of `python -m dit.sample <quickstart ckpt> DIR --classes 0,1,2,3,4,5,6,7,8,9 ...`
+    python benchmarks/digits_quality.py --npz samples/bf16.npz samples/fp8.npz
 """
 
 import argparse
 
+import numpy as np
 import torch
 
 from dit.config import build, sampler_from
@@ -20,11 +23,14 @@ from dit.training.checkpoints import load_weights_file
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="sampler=...")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0])
     p.add_argument("--samples-per-class", type=int, default=50)
+    p.add_argument("--npz", nargs="+", default=[], help="dit.sample outputs drawn with --classes 0,...,9 instead")
     args = p.parse_intermixed_args()
+    if args.npz:
+        return score_npz(args.npz)
     model = load_model(args.checkpoint)[0]
     recorded = load_weights_file(args.checkpoint)["config"]["module"]["sampler"]
     sampler = sampler_from(args.overrides) if args.overrides else build(recorded, "sampler")
@@ -37,6 +43,20 @@ def main():
         print(
             f"{args.checkpoint}: {sampler!r}, {sampler.nfe} evaluations, guidance {scale}: "
             f"digit accuracy {accuracy:.1%}, pixel-space Fréchet distance {pixel_frechet_distance(samples):.1f}"
+        )
+
+
+def score_npz(paths):
+    """The same two figures for dit.sample's uint8 images, sample i of digit i mod 10."""
+    classifier = digit_classifier()
+    for path in paths:
+        images = torch.from_numpy(np.load(path)["arr_0"][..., :1]).permute(0, 3, 1, 2)
+        samples = (images.float() - 128) / 127.5  # dit.data.vae.to_uint8 undone, to within its rounding
+        labels = np.arange(len(samples)) % 10
+        accuracy = float((classify(samples, classifier) == labels).mean())
+        print(
+            f"{path}: {len(samples)} samples, digit accuracy {accuracy:.1%}, "
+            f"pixel-space Fréchet distance {pixel_frechet_distance(samples):.1f}"
         )
 
 

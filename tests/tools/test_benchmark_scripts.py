@@ -1,4 +1,5 @@
-"""The scripts of benchmarks/: the kernel summary of a profile and the DDP scaling command."""
+"""The scripts of benchmarks/: the kernel summary of a profile, the DDP scaling command, the loss
+curves and the digits score of sample files."""
 
 import time
 from pathlib import Path
@@ -215,3 +216,26 @@ def test_loss_curves_compares_windowed_means(benchmark_scripts, tmp_path, capsys
     loss_curves.main([a, b, "--window", "2"])
     printed = capsys.readouterr().out
     assert "largest gap of b to a: 0.50000" in printed and "2-3" in printed
+
+
+def test_digits_quality_scores_a_sample_npz(benchmark_scripts, tmp_path, capsys):
+    """--npz reads dit.sample's uint8 images as sample i of digit i mod 10: real digits in that order
+    score ~100%, the same images one label off score ~0%."""
+    import digits_quality
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    from dit.data.vae import to_uint8
+
+    digits = load_digits()
+    order = np.concatenate([np.flatnonzero(digits.target == d)[:20] for d in range(10)])
+    order = order.reshape(10, 20).T.reshape(-1)  # digit i mod 10 at position i, as --classes 0,...,9 draws
+    images = torch.from_numpy(digits.images[order].astype(np.float32) / 8 - 1)[:, None]
+    arr = to_uint8(images).expand(-1, -1, -1, 3).numpy()
+    np.savez(tmp_path / "real.npz", arr_0=arr)
+    np.savez(tmp_path / "shifted.npz", arr_0=np.roll(arr, 1, axis=0))
+    digits_quality.score_npz([tmp_path / "real.npz", tmp_path / "shifted.npz"])
+    real, shifted = capsys.readouterr().out.splitlines()
+    accuracy = [float(line.split("digit accuracy ")[1].split("%")[0]) for line in (real, shifted)]
+    assert accuracy[0] >= 98 and accuracy[1] <= 5, (real, shifted)

@@ -39,6 +39,10 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
             ["trainer=ddp", "trainer.accelerator=cpu"],
             "trainer.devices=-1 with trainer.accelerator=cpu: give the number",
         ),
+        (
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "module.compile=reduce-overhead"],
+            "module.compile=reduce-overhead uses CUDA graphs, which cannot hold FSDP's collectives",
+        ),
         ("callbacks=fid", "callbacks.fid.ref needs a value (the FID reference: statistics"),  # a ??? left unset
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],

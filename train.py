@@ -32,7 +32,7 @@ from dit.models.flops import describe
 from dit.platform.compat import replace_hydra_subprocess_command
 from dit.platform.cpu_threads import choose_cpu_threads
 from dit.training.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
-from dit.training.fsdp import fsdp_compile_mode
+from dit.training.fsdp import FSDP, fsdp_compile_mode
 from dit.training.manifest import changed_keys, differences, fixed, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
 from dit.training.run_log import RunLog, config_tree, log_file_path
@@ -184,14 +184,14 @@ def check_config(cfg):
             "use trainer=cpu here, or check the driver and CUDA_VISIBLE_DEVICES"
         )
     devices = cfg.trainer.get("devices")
-    if accelerator == "cpu" and not (isinstance(devices, int) and devices > 0 or devices == "auto"):
+    if accelerator == "cpu" and isinstance(devices, int) and not isinstance(devices, bool) and devices < 1:
         # trainer=ddp|fsdp ask for every GPU (devices: -1), which a CPU cannot count
         raise UsageError(
             f"trainer.devices={devices} with trainer.accelerator=cpu: give the number of CPU processes, "
             "e.g. trainer.devices=2"
         )
     strategy = cfg.trainer.get("strategy")
-    if OmegaConf.is_dict(strategy) and strategy.get("_target_") == "dit.training.fsdp.FSDP":
+    if OmegaConf.is_dict(strategy) and strategy.get("_target_") == f"{FSDP.__module__}.{FSDP.__name__}":
         fsdp_compile_mode(cfg.module.get("compile"), "cpu")  # a mode FSDP refuses: one line, before the ranks start
     if accelerator == "tpu":
         choice = HydraConfig.get().runtime.choices.get("trainer") if HydraConfig.initialized() else None

@@ -10,6 +10,7 @@ the run's own final check (batch 0 of seed 0), with the run's sampler unless `sa
 """
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,12 +18,13 @@ import torch
 from dit.config import build, sampler_from
 from dit.data.digits import classify, digit_classifier, pixel_frechet_distance
 from dit.diffusion import batch_generator, draw
+from dit.errors import ArgumentParser, exit_on_usage_error
 from dit.evaluation.sample import load_model
 from dit.training.checkpoints import load_weights_file
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("overrides", nargs="*", metavar="sampler=...")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 4.0])
@@ -30,7 +32,12 @@ def main():
     p.add_argument("--npz", nargs="+", default=[], help="dit.sample outputs drawn with --classes 0,...,9 instead")
     args = p.parse_intermixed_args()
     if args.npz:
+        missing = [path for path in args.npz if not Path(path).is_file()]
+        if missing:
+            p.error(f"--npz {missing[0]}: no such file (dit.sample writes <out_dir>.npz beside its folder)")
         return score_npz(args.npz)
+    if not args.checkpoint:
+        p.error("give a quickstart checkpoint, or --npz FILE ... of its samples")
     model = load_model(args.checkpoint)[0]
     recorded = load_weights_file(args.checkpoint)["config"]["module"]["sampler"]
     sampler = sampler_from(args.overrides) if args.overrides else build(recorded, "sampler")
@@ -61,4 +68,4 @@ def score_npz(paths):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_usage_error(main)

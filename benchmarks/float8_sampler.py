@@ -27,7 +27,7 @@ import torch
 
 from dit.models import DiT
 from dit.tools.benchmark import model_kwargs
-from dit.training.float8 import LAYERS, convert_blocks_to_float8
+from dit.training.float8 import LAYERS, convert_blocks_to_float8, is_float8_layer
 
 
 def non_identity_model(name, image_size):
@@ -40,28 +40,21 @@ def non_identity_model(name, image_size):
     return model.eval().requires_grad_(False)
 
 
-def is_float8_layer(module, name):
-    """A block's attention or MLP linear with dimensions the float8 kernels take (multiples of 16)."""
-    return (
-        isinstance(module, torch.nn.Linear)
-        and name.rsplit(".", 1)[-1] in LAYERS
-        and module.in_features % 16 == 0
-        and module.out_features % 16 == 0
-    )
-
-
 def quantize_blocks_for_sampling(model, granularity):
     """torchao's float8 inference quantisation of the chosen linears, in place, from bf16 weights
     (the dtype they compute in under autocast); torch.compile's global settings left as they are."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
+    def wanted(module, name):
+        return is_float8_layer(module, name, LAYERS)
+
     for name, module in model.blocks.named_modules():
-        if is_float8_layer(module, name):
+        if wanted(module, name):
             module.to(torch.bfloat16)
     config = Float8DynamicActivationFloat8WeightConfig(
         granularity=PerRow() if granularity == "rowwise" else PerTensor(), set_inductor_config=False
     )
-    quantize_(model.blocks, config, filter_fn=is_float8_layer)
+    quantize_(model.blocks, config, filter_fn=wanted)
 
 
 def main():

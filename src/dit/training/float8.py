@@ -54,6 +54,17 @@ def check_float8_device(recipe, device: torch.device) -> None:
         )
 
 
+def is_float8_layer(module: nn.Module, name: str, layers) -> bool:
+    """A linear named one of `layers` (its last name part) whose dimensions float8 matmuls take:
+    both divisible by 16 (cuBLAS), as every DiT width is."""
+    return (
+        isinstance(module, nn.Linear)
+        and name.rsplit(".", 1)[-1] in layers
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
 def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]:
     """Swap the chosen linears of `model.blocks` for torchao's Float8Linear, in place; returns the
     names of the converted layers. Parameters keep their names and order."""
@@ -63,13 +74,7 @@ def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]
     converted = []
 
     def wanted(module, name):
-        # float8 matmuls need both dimensions divisible by 16 (cuBLAS); every DiT width is.
-        take = (
-            isinstance(module, nn.Linear)
-            and name.rsplit(".", 1)[-1] in chosen
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-        )
+        take = is_float8_layer(module, name, chosen)
         if take:
             converted.append(f"blocks.{name}")
         return take

@@ -70,6 +70,9 @@ def test_the_summary_goes_into_the_wandb_run(tmp_path, digits_dir):
     out = tmp_path / "run"
     train.main(quick_cfg(out, digits_dir, "logger=wandb", "trainer.max_steps=3", *FD))
     summary = json.loads((out / "summary.json").read_text())
+    import wandb
+
+    wandb.teardown()  # waits for wandb's service to write the record file (run.finish() does not)
     record = next((out / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     # an offline run keeps its summary updates in its record file, as JSON values under their keys
     for key in ("train/compute", "model_name", "val/digits_fd", "val/digits_fd_best", "config_group"):

@@ -46,6 +46,21 @@ def test_every_model_patch_and_conditioning_composes_and_builds(data, tmp_path):
     assert dm.hparams.global_batch_size == cfg.data.global_batch_size
 
 
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("default", "DiT-XL/2"),  # `python train.py`, the paper's DiT-XL/2 with the wandb logger
+        ("dit_s", "DiT-S/2"),
+        ("dit_xl", "DiT-XL/2"),
+        ("dit_g", "DiT-d28w2048/2"),  # a width of its own on XL's depth
+        ("tiny", "DiT-d4w128/2"),
+    ],
+)
+def test_the_wandb_run_is_named_after_the_model(model, name, tmp_path):
+    cfg = compose_cfg([f"model={model}", "patch=2", "logger=wandb"], tmp_path)
+    assert cfg.logger.name == name
+
+
 @pytest.mark.parametrize("preset", ["cpu", "gpu", "ddp", "tpu_v3"])
 def test_trainer_presets_compose(preset, tmp_path):
     cfg = compose_cfg([f"trainer={preset}"], tmp_path)

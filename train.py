@@ -8,6 +8,7 @@ python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on
 """
 
 import contextlib
+import math
 import netrc
 import os
 import re
@@ -140,7 +141,22 @@ NUMERIC_KNOBS = {
     "data.num_workers": (int, 0),
     "module.optimizer.lr": (float, 0),
     "module.optimizer.weight_decay": (float, 0),
+    # read only when the first sample grid, FID or digit check runs, steps into the run: checked now
+    "module.sampling.guidance_scale": (float, 0),
+    "module.sampling.seed": (int, 0),
+    "sampler.eta": (float, 0),
+    "callbacks.fid.guidance_scale": (float, 0),
+    "callbacks.fid.seed": (int, 0),
+    "callbacks.fid.every_n_steps": (int, 1),
+    "callbacks.fid.num_samples": (int, 1),
+    "callbacks.digits_accuracy.guidance_scale": (float, 0),
+    "callbacks.digits_accuracy.samples_per_class": (int, 1),
+    "callbacks.digits_accuracy.seed": (int, 0),
 }
+
+# Lightning's precisions that keep the fp32 master weights AdamW and the EMA update (conf/train.yaml);
+# "-true" modes cast the weights themselves, which neither supports.
+PRECISIONS = (None, "32-true", "32", 32, "bf16-mixed", "bf16", "16-mixed", "16", 16)
 
 
 # What a value a config leaves to the user (`???`) is, for the one-line error that asks for it.
@@ -167,8 +183,21 @@ def check_config(cfg):
         what = "a number" if kind is float else "an integer"
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
             raise UsageError(f"{key} must be {what}, got {value!r}")
-        if value < smallest:
+        if not math.isfinite(value) or value < smallest:
             raise UsageError(f"{key} must be {what} of at least {smallest}, got {value!r}")
+    precision = cfg.trainer.get("precision")
+    if isinstance(precision, bool) or precision not in PRECISIONS:
+        raise UsageError(
+            f"trainer.precision={precision}: the run keeps fp32 weights for AdamW and the EMA; use 32-true, "
+            "bf16-mixed or 16-mixed (module.float8 adds float8 matmuls)"
+        )
+    classes, num_classes = OmegaConf.select(cfg, "data.sample_classes"), OmegaConf.select(cfg, "data.num_classes")
+    if classes is not None and isinstance(num_classes, int):
+        labels = list(classes) if OmegaConf.is_list(classes) else None
+        if not labels or not all(type(c) is int and 0 <= c < num_classes for c in labels):
+            raise UsageError(
+                f"data.sample_classes must be a list of class labels in [0, {num_classes - 1}], got {classes}"
+            )
     if not (cfg.get("resume") is None or isinstance(cfg.resume, str)):
         raise UsageError(f"resume must be auto or a checkpoint path, got {cfg.resume!r}")
     for key in ("accept_changes", "require_tags", "print_config"):

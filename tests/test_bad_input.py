@@ -44,6 +44,13 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
             "module.compile=reduce-overhead uses CUDA graphs, which cannot hold FSDP's collectives",
         ),
         ("callbacks=fid", "callbacks.fid.ref needs a value (the FID reference: statistics"),  # a ??? left unset
+        # read only at the first sample grid, steps into a run: refused before the first step
+        ("module.sampling.guidance_scale=abc", "module.sampling.guidance_scale must be a number, got 'abc'"),
+        (["sampler=ddim", "sampler.eta=abc"], "sampler.eta must be a number, got 'abc'"),
+        ("data.sample_classes=[11]", "data.sample_classes must be a list of class labels in [0, 9], got [11]"),
+        ("module.optimizer.lr=inf", "module.optimizer.lr must be a number of at least 0, got inf"),
+        ("trainer.precision=bf16-true", "trainer.precision=bf16-true: the run keeps fp32 weights"),
+        ("module.compile=1", "module.compile=1; use one of True, False, auto"),  # 1 == True in Python
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
 )

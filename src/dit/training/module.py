@@ -121,7 +121,7 @@ class DiTModule(LightningModule):
             check_float8_device(self.hparams.float8, self.trainer.strategy.root_device)
             self._float8_layers = convert_blocks_to_float8(self.model, self.hparams.float8, self.hparams.float8_layers)
         compile = self.hparams.compile
-        if compile not in COMPILE_CHOICES:
+        if type(compile) not in (bool, str) or compile not in COMPILE_CHOICES:  # 1 == True: not a mode
             raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
         if getattr(self.trainer.strategy, "shards_model", False):
             # Under FSDP the blocks are compiled one by one as they are sharded (configure_model).

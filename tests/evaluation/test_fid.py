@@ -185,3 +185,31 @@ def test_saved_reference_statistics_say_what_they_were_computed_on(tmp_path):
         ValueError, match=r"computed on 256×256 images \(of imagenet/train\), but the samples are 512×512"
     ):
         load_reference(str(tmp_path / "ref.npz"), extractor=None, resolution=512)
+
+
+def test_save_ref_stats_never_replaces_what_is_not_statistics(random_inception, tmp_path, capsys):
+    """--save-ref-stats is checked before any feature is computed: not the samples being measured,
+    not another file, a .npz name in a folder that exists; statistics written before are rewritten."""
+    from dit.errors import exit_on_usage_error
+
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    other = tmp_path / "notes.npz"
+    other.write_bytes(b"mine")
+    write_pngs(torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8), tmp_path / "real")
+    common = ["--ref", str(tmp_path / "real"), "--inception-weights", str(random_inception), "--batch-size", "2"]
+    for target, message in [
+        (samples, "is the samples being measured"),
+        (other, "holds no reference statistics (mu, sigma)"),
+        (tmp_path / "stats", "give a file name ending in .npz"),
+        (tmp_path / "nowhere" / "s.npz", "does not exist"),
+    ]:
+        with pytest.raises(SystemExit):
+            exit_on_usage_error(lambda t=target: main([str(samples), *common, "--save-ref-stats", str(t)]))
+        assert message in capsys.readouterr().err
+    assert other.read_bytes() == b"mine" and list(np.load(samples).files) == ["arr_0"]
+    stats = tmp_path / "stats.npz"
+    for _ in range(2):  # written, then rewritten
+        main([str(samples), *common, "--save-ref-stats", str(stats)])
+        assert {"mu", "sigma"} <= set(np.load(stats).files)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -201,3 +201,41 @@ def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, cap
     with pytest.raises(SystemExit):
         exit_on_usage_error(lambda: sample_main([str(tiny_run), str(tmp_path / "t"), *common, "--classes", "3,x"]))
     one_line_error(capsys.readouterr().err, "--classes '3,x': give class numbers separated by commas")
+
+
+def test_folders_and_files_that_are_not_samples_are_left_alone(tiny_run, tmp_path, capsys):
+    """A training run's folder, even with --overwrite, and an .npz beside the folder that no sample
+    run wrote are refused; a start that failed before any sample leaves no record that blocks the
+    corrected rerun; nan guidance is refused."""
+    from dit.errors import exit_on_usage_error
+
+    common = cpu_ddim5(2, 2)
+
+    def refused(out, *more):
+        with pytest.raises(SystemExit) as stop:
+            exit_on_usage_error(lambda: sample_main([str(tiny_run), str(out), *common, *more]))
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = json.dumps(dict(kind="training run", run_id="abc"))
+    (run / "manifest.json").write_text(record)
+    one_line_error(refused(run, "--overwrite"), f"{run} is a training run folder", "sample into another folder")
+    assert (run / "manifest.json").read_text() == record and not (tmp_path / "run.npz").exists()
+
+    (tmp_path / "mine.npz").write_bytes(b"my data")
+    one_line_error(refused(tmp_path / "mine"), f"{tmp_path / 'mine.npz'} exists", "move it away")
+    assert (tmp_path / "mine.npz").read_bytes() == b"my data"
+
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit):  # fails after its manifest is written, before any sample
+        bad = [a.replace("ddim5", "0") for a in common]
+        exit_on_usage_error(lambda: sample_main([str(tiny_run), str(out), *bad]))
+    capsys.readouterr()
+    sample_main([str(tiny_run), str(out), *common])  # the corrected rerun
+    assert np.load(f"{out}.npz")["arr_0"].shape[0] == 2 and not list(tmp_path.glob("*.tmp"))
+
+    one_line_error(
+        refused(tmp_path / "n", "--guidance-scale", "nan"), "--guidance-scale must be a number of at least 0"
+    )

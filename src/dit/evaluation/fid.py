@@ -35,6 +35,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3 as INC
 from tqdm import tqdm
 
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
+from dit.evaluation.images import save_npz
 from dit.training.manifest import read_manifest
 
 POOL, LOGITS = "2048", "logits_unbiased"  # FID and precision/recall use the pool features, IS the logits
@@ -330,7 +331,7 @@ def load_reference(ref, extractor, resolution=None, batch_size=64, keep_features
 def save_statistics(path, reference, source, resolution):
     """mu and sigma of a reference, with what they were computed from: its source and the image
     size, which a later `--ref` of these statistics is checked against."""
-    np.savez(
+    save_npz(
         path,
         mu=reference["mu"],
         sigma=reference["sigma"],
@@ -364,6 +365,27 @@ def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_
     return metrics
 
 
+def check_stats_path(path, samples):
+    """--save-ref-stats names a new .npz, or reference statistics written before (rewritten): never
+    the samples being measured or another file, which np.savez would replace."""
+    if path.suffix != ".npz":
+        raise UsageError(f"--save-ref-stats {path}: give a file name ending in .npz")
+    if not path.parent.is_dir():
+        raise UsageError(f"--save-ref-stats {path}: the folder {path.parent} does not exist")
+    if samples is not None and path.resolve() == Path(samples).resolve():
+        raise UsageError(f"--save-ref-stats {path} is the samples being measured; give another file name")
+    if path.exists():
+        try:
+            with np.load(path) as held:
+                is_stats = {"mu", "sigma"} <= set(held.files)
+        except Exception:  # not an .npz at all
+            is_stats = False
+        if not is_stats:
+            raise UsageError(
+                f"--save-ref-stats {path} exists and holds no reference statistics (mu, sigma); give another file name"
+            )
+
+
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", nargs="?", help="samples: an .npz (arr_0, N×H×W×3 uint8) or a folder of PNGs")
@@ -379,6 +401,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.samples is None and not args.save_ref_stats:
         raise UsageError("give the samples to measure, or --save-ref-stats to only compute the reference's statistics")
+    if args.batch_size < 1 or (args.resolution is not None and args.resolution < 1):
+        raise UsageError("--batch-size and --resolution must be positive integers")
+    if args.save_ref_stats:
+        check_stats_path(Path(args.save_ref_stats), args.samples)
     extractor = inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
     if args.samples is None:
         reference = load_reference(args.ref, extractor, args.resolution, args.batch_size)

@@ -32,3 +32,17 @@ def save_png(image, path, upscale=None):
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
     return path
+
+
+def save_npz(path, **arrays):
+    """np.savez under a temporary name, then renamed: a full disk or a killed run never leaves a
+    truncated .npz that looks like a finished one."""
+    import os
+
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez appends no second ".npz"
+        np.savez(f, **arrays)
+    os.replace(tmp, path)

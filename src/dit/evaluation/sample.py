@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -64,7 +65,7 @@ from dit.data.vae import SCALE_FACTOR, to_uint8
 from dit.diffusion import GUIDANCE_VARIANTS, batch_generator, batch_labels, draw, is_flow
 from dit.diffusion.guidance import check_guidance
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
-from dit.evaluation.images import make_grid, save_png
+from dit.evaluation.images import make_grid, save_npz, save_png
 from dit.models import DiT
 from dit.training.checkpoints import load_weights_file
 from dit.training.manifest import (
@@ -123,9 +124,22 @@ def check_sample_folder(out_dir, identity, overwrite, rank):
     with --overwrite, its PNGs are deleted (by rank 0) and drawn anew."""
     manifest = read_manifest(out_dir)
     pngs = sorted(out_dir.glob("*.png"))
+    if manifest is not None and manifest.get("kind") != "samples":  # a training run's folder, say
+        raise UsageError(
+            f"{out_dir} is a {manifest.get('kind', 'foreign')} folder (its manifest.json), not a sample folder; "
+            "sample into another folder"
+        )
+    npz = Path(f"{out_dir}.npz")
+    if manifest is None and npz.exists():
+        raise UsageError(
+            f"{npz} exists and {out_dir} holds no manifest.json of the samples that wrote it; "
+            "sample into another folder, or move it away"
+        )
     if manifest is not None and implied_identity(manifest.get("identity") or {}) == identity:
         return
-    if manifest is None and not pngs:
+    if not pngs:  # nothing drawn yet (a refused or failed start): the folder holds nothing to keep
+        if rank == 0 and manifest is not None:
+            (out_dir / MANIFEST_FILE).unlink()
         return
     if manifest is None:
         why = f"holds {len(pngs)} PNGs but no manifest.json, so what drew them is unknown"
@@ -264,7 +278,7 @@ def run(fabric, args):
         reading = tqdm(range(args.num_samples), desc="PNGs to .npz", unit="img")
         arr = np.stack([np.asarray(Image.open(out_dir / f"{i:06d}.png").convert("RGB")) for i in reading])
         # ADM's evaluator reads arr_0; the manifest rides along, for dit.fid to say what it measured.
-        np.savez(f"{out_dir}.npz", arr_0=arr, manifest=np.array(json.dumps(manifest)))
+        save_npz(f"{out_dir}.npz", arr_0=arr, manifest=np.array(json.dumps(manifest)))
         nrow = len(classes) if classes and args.labels != "balanced" else 8  # balanced: all K classes
         first = torch.from_numpy(arr[: nrow * 8]).permute(0, 3, 1, 2).float() / 255
         grid = save_png(make_grid(first, nrow=nrow), f"{out_dir}.png")
@@ -347,6 +361,8 @@ def main(argv=None):
     check_guidance(args.guidance, args.guidance_interval, "--guidance-interval")
     if any(o.split("=", 1)[0] == "sampler" for o in args.overrides) or not args.overrides:
         sampler_from(args.overrides)  # sampler.KEY=V alone is checked once the model says its default sampler
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise UsageError(f"--guidance-scale must be a number of at least 0 (1: no guidance), got {args.guidance_scale}")
     if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:
         raise UsageError("--num-samples and --batch-size must be positive, --seed not negative")
     devices = int(args.devices) if args.devices.isdigit() else args.devices

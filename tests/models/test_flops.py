@@ -82,3 +82,21 @@ def test_flops_command_prints_whole_table(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| DiT-")]
     assert len(rows) == 15
     assert "| DiT-XL/2 | adaln_zero | 256 | 118.6" in out
+
+
+@pytest.mark.parametrize("size, patch", [("260", "8"), ("0", "8"), ("100", "8")])
+def test_an_image_size_the_table_cannot_patch_is_one_line(size, patch, capsys):
+    """Through the `dit-flops` console script's function: a size not floored to another, no table, one line."""
+    from dit.models.flops import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli_args = ["dit-flops", "--image-size", size]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.argv", cli_args)
+            cli()
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.out == ""
+    assert captured.err.strip() == (
+        f"error: --image-size {size}: the latent (1/8 of it) must be a positive multiple of the patch {patch}; "
+        f"give a multiple of {8 * int(patch)}, e.g. 256"
+    )

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dit.errors import ArgumentParser, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.models import CONDITIONINGS, DiT_models
 
 
@@ -100,6 +100,12 @@ def main(argv=None):
     parser.add_argument("--blocks", action="store_true", help="one model with each block option instead (--model)")
     parser.add_argument("--model", default="DiT-XL/2", choices=list(DiT_models), help="the model of --blocks")
     args = parser.parse_args(argv)
+    patch = int(args.model.split("/")[1]) if args.blocks else 8  # the table's largest patch
+    if args.image_size < 8 * patch or args.image_size % (8 * patch):
+        raise UsageError(
+            f"--image-size {args.image_size}: the latent (1/8 of it) must be a positive multiple of the patch {patch}; "
+            f"give a multiple of {8 * patch}, e.g. 256"
+        )
     if args.blocks:
         return print_blocks_table(args.model, args.image_size)
     rows = [(name, "adaln_zero") for name in DiT_models]
@@ -112,5 +118,10 @@ def main(argv=None):
         print(f"| {name} | {conditioning} | {tokens} | {gflops:.2f} | {params / 1e6:.2f} |")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `dit-flops` console script: usage errors in one line, as `python -m dit.flops`."""
     exit_on_usage_error(main)
+
+
+if __name__ == "__main__":
+    cli()

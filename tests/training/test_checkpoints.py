@@ -88,3 +88,7 @@ def test_resume_auto_falls_back_past_a_corrupt_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="last.ckpt is truncated or corrupt"):
         checkpoint_to_resume(str(tmp_path / "last.ckpt"), tmp_path / "new_run")
     assert checkpoint_to_resume("auto", tmp_path / "empty", log=messages.append) == (None, None)
+    (tmp_path / "step=0000010.ckpt").unlink()  # only the truncated one left: refused, not a fresh run over it
+    with pytest.raises(ValueError, match=r"no checkpoint of .* can be read \(last.ckpt: truncated or corrupt"):
+        checkpoint_to_resume("auto", tmp_path, log=messages.append)
+    assert (tmp_path / "last.ckpt").read_bytes() == data[: len(data) // 2]

@@ -148,6 +148,12 @@ def checkpoint_to_resume(resume: str | None, folders, log=print) -> tuple[str | 
             continue
         log(f"resume=auto: continuing from {path} (step {step})")
         return str(path), checkpoint
+    if existing:  # a fresh run would overwrite them: a half-copied file is no reason to start over
+        raise UsageError(
+            f"resume=auto: no checkpoint of {folder} can be read ({', '.join(p.name for p in existing)}: truncated "
+            "or corrupt, the lines above say how); nothing was overwritten: restore a good copy, or move them away "
+            "to start the run afresh"
+        )
     log(f"resume=auto: no checkpoint in {folder} yet, starting a fresh run")
     return None, None
 

@@ -280,6 +280,7 @@ def stand_in_run(rank=0, world=1, refresh_rate=20, root="."):
         default_root_dir=str(root),
         loggers=[],
         global_step=0,
+        max_steps=-1,
         fast_dev_run=False,
     )
     progress.setup(trainer, None, "fit")

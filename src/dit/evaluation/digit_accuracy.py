@@ -33,6 +33,13 @@ class DigitAccuracy(Callback):
         if trainer.fast_dev_run:  # debug=fdr checks that a config runs: 500 samples of an untrained model say nothing
             print("digits: the accuracy check is skipped under fast_dev_run")
             return
+        if 0 < trainer.max_steps and trainer.global_step < trainer.max_steps:
+            # stopped early (a preemption signal, the non-finite guard): minutes of sampling would outlast
+            # a scheduler's grace period, and the share would describe a model the run did not finish
+            print(
+                f"digits: the accuracy check is skipped: the run stopped at step {trainer.global_step} of {trainer.max_steps}"
+            )
+            return
         model = pl_module.model.eval()
         labels = torch.arange(10).repeat_interleave(self.samples_per_class)
         generator = batch_generator(self.seed, 0, pl_module.device)  # one batch

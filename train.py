@@ -32,7 +32,13 @@ from dit.models import SIZES, config_name
 from dit.models.flops import describe
 from dit.platform.compat import replace_hydra_subprocess_command
 from dit.platform.cpu_threads import choose_cpu_threads
-from dit.training.checkpoints import PREEMPTED_EXIT_CODE, StopCheckpoint, checkpoint_to_resume, remove_stale_temporaries
+from dit.training.checkpoints import (
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    StopCheckpoint,
+    checkpoint_to_resume,
+    remove_stale_temporaries,
+)
 from dit.training.fsdp import FSDP, fsdp_compile_mode
 from dit.training.manifest import changed_keys, differences, fixed, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
@@ -428,11 +434,12 @@ def fit(cfg, out, run_config, summary, lock):
                 os.environ[key] = value
     stop = next((c for c in callbacks if isinstance(c, StopCheckpoint)), None)
     if stop is not None and stop.saved is not None:
+        code = INTERRUPTED_EXIT_CODE if stop.received == "SIGINT" else PREEMPTED_EXIT_CODE
         print(
-            f"received {stop.received}: saved {stop.saved} at step {trainer.global_step}; "
-            f"exiting with code {PREEMPTED_EXIT_CODE} (requeue, then resume=auto continues)"
+            f"received {stop.received}: saved {stop.saved} at step {trainer.global_step}; exiting with code {code} "
+            f"({'' if code == INTERRUPTED_EXIT_CODE else 'requeue, then '}resume=auto continues)"
         )
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(code)
     return out
 
 

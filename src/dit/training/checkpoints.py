@@ -25,6 +25,8 @@ from dit.models.diffusers_format import read_folder, transformer_folder
 # EX_TEMPFAIL of sysexits.h: "temporary failure, the user is invited to retry" — a scheduler can
 # requeue on it (SLURM: `--requeue` and a requeue-on-exit-code wrapper; Kubernetes: a restart policy).
 PREEMPTED_EXIT_CODE = 75
+# 128 + SIGINT, as a shell reports a job ended by Ctrl-C
+INTERRUPTED_EXIT_CODE = 130
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -163,27 +165,42 @@ class StopCheckpoint(Callback):
 
     - on SIGTERM or SIGUSR1 (spot instances, TPU VMs, SLURM's warning signal) it finishes the current
       step, saves and stops; train.py then exits with PREEMPTED_EXIT_CODE;
+    - on Ctrl-C (SIGINT) the same, exiting with INTERRUPTED_EXIT_CODE; a second Ctrl-C, or one once
+      the steps are over, quits at once (KeyboardInterrupt, as Python's own handler);
     - at the final step, before the EMA callback copies the average into the model at train end,
       so a finished run holds both weights and can be extended exactly.
     """
 
-    def __init__(self, dirpath, signals=("SIGTERM", "SIGUSR1")):
+    def __init__(self, dirpath, signals=("SIGTERM", "SIGUSR1", "SIGINT")):
         self.dirpath = Path(dirpath)
         self.signals = [getattr(signal, name) for name in signals]
         self.received = None  # the signal's name, once one arrived
         self.saved = None  # the checkpoint written because of it
+        self.stepping = False  # between the first and the last training step
+        self.previous = {}
 
     def on_train_start(self, trainer, pl_module):
         # Installed after Lightning's own handlers, replacing its SIGTERM exception with a clean save.
+        self.stepping = True
         for sig in self.signals:
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def teardown(self, trainer, pl_module, stage):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if not self.stepping or self.received is not None:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: saving last.ckpt at the end of this step, then stopping (Ctrl-C again quits without it)")
+        self.received = self.received or signal.Signals(signum).name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # fast_dev_run (debug=fdr) checks a config and writes no checkpoint, as Lightning's own callbacks
         if 0 < trainer.max_steps <= trainer.global_step and not trainer.fast_dev_run:
+            self.stepping = False
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
             return
         received = self.received is not None
@@ -197,5 +214,6 @@ class StopCheckpoint(Callback):
             self.received = self.received or "a signal on another rank"
             self.saved = self.dirpath / "last.ckpt"
             trainer.save_checkpoint(self.saved)
+            self.stepping = False
             trainer.should_stop = True
             trainer.limit_val_batches = 0  # Lightning would draw a sample grid before stopping: no time for it

@@ -166,6 +166,24 @@ def test_fid50k_protocol_in_one_command(tiny_run, tmp_path, random_inception, ca
     assert metrics["samples"]["sampler.class"] == "dit.diffusion.samplers.DDIM"
 
 
+def test_fid50k_checks_the_reference_and_inception_before_sampling(tiny_run, tmp_path, monkeypatch, capsys):
+    """Hours of sampling never end in a refusal that its first second could have given."""
+    from dit.errors import exit_on_usage_error
+    from dit.evaluation.fid50k import main as fid50k_main
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # as a user starts it: the launching process
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    for more, message in [
+        (["--ref", str(tmp_path / "nope.npz")], "is not a folder of images, an .npz of statistics, or 'digits'"),
+        (["--ref", str(tmp_path / "other.npz")], "holds ['x'], but it needs mu and sigma"),
+        (["--ref", "digits", "--inception-weights", str(tmp_path / "nope.pth")], "do not exist; download"),
+    ]:
+        with pytest.raises(SystemExit):
+            exit_on_usage_error(lambda m=more: fid50k_main([str(tiny_run), str(tmp_path / "s"), *m, *cpu_ddim5(2, 2)]))
+        one_line_error(capsys.readouterr().err, message)
+        assert not (tmp_path / "s").exists()
+
+
 def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, capsys):
     """Other weights or other sampler settings never take a folder's samples as theirs: refused
     with one line naming what differs, or with --overwrite drawn anew. The same weights in an

@@ -365,6 +365,21 @@ def evaluate(extractor, samples, ref, isc=False, prc=False, batch_size=64, save_
     return metrics
 
 
+def check_reference(ref):
+    """What load_reference reads, checked without reading it: a run of hours of sampling before FID
+    (dit.fid50k) learns of a mistyped --ref at its start, not at its end."""
+    path = Path(ref)
+    if ref == "digits" or path.is_dir():
+        return
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as data:
+            keys = set(data.files)
+        if {"mu", "sigma"} <= keys or "arr_0" in keys:
+            return
+        raise UsageError(f"reference {ref} holds {sorted(keys)}, but it needs mu and sigma (or images, arr_0)")
+    raise UsageError(f"reference {ref} is not a folder of images, an .npz of statistics, or 'digits'")
+
+
 def check_stats_path(path, samples):
     """--save-ref-stats names a new .npz, or reference statistics written before (rewritten): never
     the samples being measured or another file, which np.savez would replace."""

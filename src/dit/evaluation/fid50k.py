@@ -13,6 +13,7 @@ recall when the reference holds images) and writes the figures to `<out_dir>.jso
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from dit.errors import ArgumentParser, exit_on_usage_error
@@ -28,6 +29,9 @@ def main(argv=None):
     )
     parser.add_argument("--inception-weights", help="as dit.fid: a local copy of the Inception weights")
     args, sample_args = parser.parse_known_args(argv)
+    fid.check_reference(args.ref)
+    if os.environ.get("LOCAL_RANK") is None:  # the launching process, once, not each rank it starts
+        fid.inception(args.inception_weights)  # a missing file or an offline download: refused before sampling
     if sample.main([args.checkpoint, args.out_dir, *sample_args]) != 0:
         return None  # the other ranks only sample
     fid_args = [f"{args.out_dir}.npz", "--ref", args.ref, "--isc"]

@@ -14,6 +14,7 @@ import dit.tools.extract as extract
 from dit.data.datamodule import LatentDataModule
 from dit.data.shards import check_shards
 from dit.data.vae import encode, tiny_vae
+from dit.errors import UsageError
 
 RESOLUTION = 32  # 4×4 latents: the tiny VAE downsamples 8× like the real one
 
@@ -150,10 +151,14 @@ def test_extraction_end_to_end(image_dir, vae_dir, extracted, capsys):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["posterior"].shape == (4, 2, 2, 4, 4, 4) and set(batch["label"].tolist()) <= {0, 1, 2}
-    # A second run finds the folder finished.
+    # A second run finds the folder finished; one asking for other latents is refused, not told "done".
     capsys.readouterr()
     run_extract(image_dir, extracted, vae_dir)
     assert "finished already" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=rf"finished already, with other settings \(resolution: {RESOLUTION} vs 64\)"):
+        extract.main([str(image_dir), str(extracted), "--resolution", "64", "--vae", str(vae_dir)])
+    with pytest.raises(UsageError, match=r"with other settings \(source: .* vs .*\); extract into another folder"):
+        run_extract(image_dir.parent, extracted, vae_dir)
 
 
 def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extracted, tmp_path, monkeypatch, capsys):

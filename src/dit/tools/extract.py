@@ -262,6 +262,24 @@ def main(argv=None):
 
     out_dir = Path(args.out_dir)
     if (out_dir / META_FILE).exists():
+        done = json.loads((out_dir / META_FILE).read_text())
+        features = done.get("features")
+        asked = dict(
+            source=str(Path(args.image_dir).resolve()),
+            vae=args.vae,
+            resolution=args.resolution,
+            precision=args.precision,
+            features=features_setting(args.repa_encoder, args.repa_encoder_weights),
+        )
+        held = dict(
+            {k: done.get(k) for k in asked},
+            features=features and {k: features.get(k) for k in ("encoder", "weights")},
+        )
+        if held != asked:
+            raise UsageError(
+                f"{out_dir} is finished already, with other settings ({part_difference(held, asked)}); "
+                "extract into another folder"
+            )
         print(f"{out_dir} is finished already ({META_FILE} is there); nothing to do")
         return
     env = os.environ  # torchrun's variables, else SLURM's (srun starts one task per GPU)

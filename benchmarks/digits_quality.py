@@ -10,6 +10,7 @@ the run's own final check (batch 0 of seed 0), with the run's sampler unless `sa
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from dit.config import build, sampler_from
 from dit.data.digits import classify, digit_classifier, pixel_frechet_distance
 from dit.diffusion import batch_generator, draw
-from dit.errors import ArgumentParser, exit_on_usage_error
+from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.evaluation.sample import load_model
 from dit.training.checkpoints import load_weights_file
 
@@ -57,7 +58,15 @@ def score_npz(paths):
     """The same two figures for dit.sample's uint8 images, sample i of digit i mod 10."""
     classifier = digit_classifier()
     for path in paths:
-        images = torch.from_numpy(np.load(path)["arr_0"][..., :1]).permute(0, 3, 1, 2)
+        with np.load(path) as held:
+            drawn = json.loads(str(held["manifest"]))["identity"] if "manifest" in held.files else None
+            arr = held["arr_0"]
+        if drawn is not None and drawn.get("classes") != list(range(10)):  # labels i mod 10, or no score
+            raise UsageError(
+                f"{path} was drawn with classes {drawn.get('classes') or 'at random'}, not --classes 0,1,...,9: "
+                "its labels are unknown here; draw it with --classes 0,1,2,3,4,5,6,7,8,9"
+            )
+        images = torch.from_numpy(arr[..., :1]).permute(0, 3, 1, 2)
         samples = (images.float() - 128) / 127.5  # dit.data.vae.to_uint8 undone, to within its rounding
         labels = np.arange(len(samples)) % 10
         accuracy = float((classify(samples, classifier) == labels).mean())

@@ -239,3 +239,17 @@ def test_digits_quality_scores_a_sample_npz(benchmark_scripts, tmp_path, capsys)
     real, shifted = capsys.readouterr().out.splitlines()
     accuracy = [float(line.split("digit accuracy ")[1].split("%")[0]) for line in (real, shifted)]
     assert accuracy[0] >= 98 and accuracy[1] <= 5, (real, shifted)
+    # a dit.sample .npz whose manifest says its labels were random, or other classes, is not scored
+    import json
+
+    from dit.errors import UsageError
+
+    for classes in ([], [3, 4]):
+        manifest = np.array(json.dumps(dict(identity=dict(classes=classes))))
+        np.savez(tmp_path / "other.npz", arr_0=arr, manifest=manifest)
+        with pytest.raises(UsageError, match="not --classes 0,1,...,9: its labels are unknown here"):
+            digits_quality.score_npz([tmp_path / "other.npz"])
+    ten = np.array(json.dumps(dict(identity=dict(classes=list(range(10))))))
+    np.savez(tmp_path / "ten.npz", arr_0=arr, manifest=ten)
+    digits_quality.score_npz([tmp_path / "ten.npz"])
+    assert "digit accuracy" in capsys.readouterr().out

@@ -225,6 +225,14 @@ def check_config(cfg):
             f"trainer.devices={devices} with trainer.accelerator=cpu: give the number of CPU processes, "
             "e.g. trainer.devices=2"
         )
+    nodes = cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 and isinstance(nodes, int):
+        batch = OmegaConf.select(cfg, "data.global_batch_size")
+        if isinstance(batch, int) and batch % (devices * nodes):  # else each rank says so, once started
+            raise UsageError(
+                f"data.global_batch_size={batch} does not divide over {devices * nodes} devices "
+                f"(trainer.devices={devices}, trainer.num_nodes={nodes}); use a multiple of {devices * nodes}"
+            )
     strategy = cfg.trainer.get("strategy")
     if OmegaConf.is_dict(strategy) and strategy.get("_target_") == f"{FSDP.__module__}.{FSDP.__name__}":
         fsdp_compile_mode(cfg.module.get("compile"), "cpu")  # a mode FSDP refuses: one line, before the ranks start

@@ -51,6 +51,10 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         ("module.optimizer.lr=inf", "module.optimizer.lr must be a number of at least 0, got inf"),
         ("trainer.precision=bf16-true", "trainer.precision=bf16-true: the run keeps fp32 weights"),
         ("module.compile=1", "module.compile=1; use one of True, False, auto"),  # 1 == True in Python
+        (
+            ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],  # refused once, before 3 ranks start
+            "data.global_batch_size=128 does not divide over 3 devices (trainer.devices=3, trainer.num_nodes=1)",
+        ),
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
 )

@@ -40,7 +40,7 @@ from dit.training.checkpoints import (
     remove_stale_temporaries,
 )
 from dit.training.fsdp import FSDP, fsdp_compile_mode
-from dit.training.manifest import changed_keys, differences, fixed, run_identity
+from dit.training.manifest import changed_keys, differences, digest, fixed, read_manifest, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
 from dit.training.run_log import RunLog, config_tree, log_file_path
 from dit.training.run_summary import RunSummary
@@ -376,6 +376,14 @@ def fit(cfg, out, run_config, summary, lock):
         for folder in folders:
             remove_stale_temporaries(folder)
     ckpt_path, checkpoint = checkpoint_to_resume(cfg.resume, folders)
+    earlier = read_manifest(out) if lock is not None else None
+    earlier_run = earlier is not None and earlier.get("kind") == "training run"  # not a sweep's claim on its job folder
+    if ckpt_path is None and earlier_run and earlier.get("config_hash") != digest(run_identity(run_config)):
+        # a run that stopped before its first checkpoint: its summary and manifest would become this run's
+        raise UsageError(
+            f"{out} holds an earlier run of other settings that saved no checkpoint (its manifest.json); "
+            "give this run another name=, or move that folder away"
+        )
     accepted = check_same_run(ckpt_path, checkpoint, run_config, cfg.accept_changes) if checkpoint is not None else {}
     del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")

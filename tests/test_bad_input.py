@@ -251,3 +251,26 @@ def test_tools_take_bad_arguments_in_one_line(capsys, tool, argv, message):
         exit_on_usage_error(lambda: main(argv))
     assert exited.value.code == 2
     one_line_error(capsys.readouterr().err, message, "--help lists the arguments")
+
+
+def test_a_folder_of_another_run_without_checkpoints_is_not_taken_over(tmp_path, digits_dir, capsys):
+    """A run that saved no checkpoint (checkpoints off, or stopped before the first) leaves its
+    manifest and summary: the same settings may start it again, other settings are refused."""
+    import train
+    from conftest import compose_cfg
+
+    no_checkpoints = [
+        *BASE,
+        f"data.path={digits_dir}",
+        "logger=none",
+        "~callbacks.checkpoint",
+        "~callbacks.stop_checkpoint",
+    ]
+    out = tmp_path / "run"
+    train.main(compose_cfg(no_checkpoints, out))
+    train.main(compose_cfg(no_checkpoints, out))  # the same settings again: a retry
+    record = (out / "manifest.json").read_text()
+    assert len(json.loads(record)["launches"]) == 2
+    error = train_error(compose_cfg([*no_checkpoints, "module.optimizer.lr=5e-4"], out), capsys)
+    one_line_error(error, f"{out} holds an earlier run of other settings that saved no checkpoint", "another name=")
+    assert (out / "manifest.json").read_text() == record

@@ -257,3 +257,4 @@ def test_folders_and_files_that_are_not_samples_are_left_alone(tiny_run, tmp_pat
     one_line_error(
         refused(tmp_path / "n", "--guidance-scale", "nan"), "--guidance-scale must be a number of at least 0"
     )
+    one_line_error(refused(tmp_path / "d", "--devices", "0"), "--accelerator cpu --devices 0: ", "--devices 1)")

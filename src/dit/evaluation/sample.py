@@ -366,7 +366,13 @@ def main(argv=None):
     if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:
         raise UsageError("--num-samples and --batch-size must be positive, --seed not negative")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
-    fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto" if devices == 1 else "ddp")
+    try:
+        fabric = Fabric(accelerator=args.accelerator, devices=devices, strategy="auto" if devices == 1 else "ddp")
+    except (ValueError, TypeError, RuntimeError) as err:  # Lightning's MisconfigurationException is a ValueError
+        message = str(err).strip().splitlines()[0]
+        raise UsageError(
+            f"--accelerator {args.accelerator} --devices {args.devices}: {message} (e.g. --accelerator cpu --devices 1)"
+        ) from None
     fabric.launch(run, args)
     return fabric.global_rank
 

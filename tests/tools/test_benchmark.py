@@ -3,6 +3,7 @@ step: activation checkpointing changes nothing but memory."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -111,3 +112,21 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
         os.environ.update(environ)
     r = json.loads(out.read_text())
     assert r["ddp"] and r["devices"] == 1 and r["train_images_per_sec"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "DiT-Q/3"], "--model 'DiT-Q/3': choose one of DiT-S/2"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--batch-size", "-2"], "--batch-size must be at least 0, got -2"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a number of at least 0, got nan"),
+        (["--json", "no/such/folder/x.json"], "the folder no/such/folder does not exist"),
+    ],
+)
+def test_bad_arguments_are_one_line_before_anything_runs(argv, message):
+    from dit.errors import UsageError
+    from dit.tools.benchmark import parse_args
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_args(argv)

@@ -18,8 +18,10 @@ run's matmuls (bf16 under bf16-mixed), and the share is taken against it.
 
 import argparse
 import json
+import math
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 from lightning import Callback, Trainer
@@ -285,7 +287,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-train", action="store_true", help="only the sampler")
     p.add_argument("--json", help="also write the figures to this file")
-    return p.parse_intermixed_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.model not in DiT_models:
+        raise UsageError(f"--model {args.model!r}: choose one of {', '.join(DiT_models)}")
+    counts = dict(steps=args.steps, devices=args.devices, sample_batch_size=args.sample_batch_size)
+    for name, value in dict(counts, warmup=args.warmup, batch_size=args.batch_size).items():
+        if value < (1 if name in counts else 0):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} must be at least {1 if name in counts else 0}, got {value}")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise UsageError(f"--guidance-scale must be a number of at least 0, got {args.guidance_scale}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    return args
 
 
 def main(argv=None):

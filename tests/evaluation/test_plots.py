@@ -94,6 +94,19 @@ def test_runs_from_before_summaries_are_read_from_their_csv_logs(sweep, tmp_path
     assert legacy["gflops"] == current["gflops"] and legacy["name"] == current["name"]
 
 
+@pytest.mark.parametrize("content", ["{cut sh", "[]"])
+def test_a_broken_summary_is_named(sweep, tmp_path, content):
+    import shutil
+
+    from dit.errors import UsageError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sweep / "0", broken, ignore=shutil.ignore_patterns("wandb", "checkpoints"))
+    (broken / "summary.json").write_text(content)
+    with pytest.raises(UsageError, match=f"{broken / 'summary.json'} (is not valid JSON|holds no run summary)"):
+        load_runs([broken])
+
+
 def test_plots_read_a_wandb_project_through_the_public_api(sweep, monkeypatch):
     """`wandb:<entity>/<project>` goes through wandb.Api (no server here): a stand-in serves each job's
     logged config (what train.py gave log_hyperparams: its hparams.yaml) and its metrics as the public

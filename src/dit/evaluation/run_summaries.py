@@ -64,7 +64,13 @@ def folder_run(run):
     logs = sorted(run.rglob("metrics.csv"))  # csv/version_0, version_1 (after a resume), ...
     summary_file = run / SUMMARY_FILE
     if summary_file.is_file():
-        return run_record(json.loads(summary_file.read_text()), csv_curves(logs, [LOSS])[LOSS], run)
+        try:
+            summary = json.loads(summary_file.read_text())
+        except ValueError as err:  # cut short or edited by hand
+            raise UsageError(f"{summary_file} is not valid JSON ({err}); restore it, or move that run away") from None
+        if not isinstance(summary, dict):
+            raise UsageError(f"{summary_file} holds no run summary (a JSON object); restore it, or move that run away")
+        return run_record(summary, csv_curves(logs, [LOSS])[LOSS], run)
     if not logs:
         return None
     hparams = yaml.safe_load((logs[-1].parent / "hparams.yaml").read_text()) or {}

@@ -8,6 +8,7 @@ python train.py -m launcher=slurm trainer=ddp model=dit_b patch=2,4,8   # ... on
 """
 
 import contextlib
+import json
 import math
 import netrc
 import os
@@ -43,7 +44,7 @@ from dit.training.fsdp import FSDP, fsdp_compile_mode
 from dit.training.manifest import changed_keys, differences, digest, fixed, read_manifest, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
 from dit.training.run_log import RunLog, config_tree, log_file_path
-from dit.training.run_summary import RunSummary
+from dit.training.run_summary import SUMMARY_FILE, RunSummary
 
 
 def model_name(size, depth, width, patch):
@@ -255,6 +256,14 @@ def check_config(cfg):
             raise UsageError(f"{preset} but this machine has no TPU; use trainer=gpu or trainer=cpu here")
 
 
+def trained_steps(folder):
+    """The steps an earlier run in `folder` trained, as its summary.json says (0 without one)."""
+    try:
+        return int(json.loads((Path(folder) / SUMMARY_FILE).read_text()).get("step") or 0)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
 def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
     """A resumed run trains what its checkpoint trained: the settings of run_identity must match,
     or, with accept_changes=true, the new values are applied (DiTModule.on_train_start puts the
@@ -377,9 +386,14 @@ def fit(cfg, out, run_config, summary, lock):
             remove_stale_temporaries(folder)
     ckpt_path, checkpoint = checkpoint_to_resume(cfg.resume, folders)
     earlier = read_manifest(out) if lock is not None else None
-    earlier_run = earlier is not None and earlier.get("kind") == "training run"  # not a sweep's claim on its job folder
-    if ckpt_path is None and earlier_run and earlier.get("config_hash") != digest(run_identity(run_config)):
-        # a run that stopped before its first checkpoint: its summary and manifest would become this run's
+    if (
+        ckpt_path is None
+        and earlier is not None
+        and earlier.get("kind") == "training run"  # not a sweep's claim on its job folder
+        and earlier.get("config_hash") != digest(run_identity(run_config))
+        and trained_steps(out)  # one that failed before its first step (a mistyped value) holds nothing to keep
+    ):
+        # a run that trained but saved no checkpoint: its summary and manifest would become this run's
         raise UsageError(
             f"{out} holds an earlier run of other settings that saved no checkpoint (its manifest.json); "
             "give this run another name=, or move that folder away"

@@ -195,7 +195,7 @@ class StopCheckpoint(Callback):
             if not self.stepping or self.received is not None:
                 raise KeyboardInterrupt
             print("\nCtrl-C: saving last.ckpt at the end of this step, then stopping (Ctrl-C again quits without it)")
-        self.received = self.received or signal.Signals(signum).name
+        self.received = signal.Signals(signum).name
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # fast_dev_run (debug=fdr) checks a config and writes no checkpoint, as Lightning's own callbacks

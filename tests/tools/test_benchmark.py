@@ -120,7 +120,7 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
         (["--model", "DiT-Q/3"], "--model 'DiT-Q/3': choose one of DiT-S/2"),
         (["--steps", "0"], "--steps must be at least 1, got 0"),
         (["--batch-size", "-2"], "--batch-size must be at least 0, got -2"),
-        (["--guidance-scale", "nan"], "--guidance-scale must be a number of at least 0, got nan"),
+        (["--guidance-scale", "nan"], "--guidance-scale must be a number of at least 0 (1: no guidance), got nan"),
         (["--json", "no/such/folder/x.json"], "the folder no/such/folder does not exist"),
     ],
 )

@@ -3,6 +3,8 @@ object every sampler evaluates the model through."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dit.errors import UsageError
@@ -98,6 +100,13 @@ def check_guidance(variant: str, interval, where: str = "guidance") -> tuple[flo
             "(times run from 0, the data, to 1, the noise)"
         )
     return low, high
+
+
+def check_guidance_scale(scale: float, where: str = "--guidance-scale") -> float:
+    """A finite scale of at least 0 (0: unconditional, 1: no guidance): nan gave black images."""
+    if not math.isfinite(scale) or scale < 0:
+        raise UsageError(f"{where} must be a number of at least 0 (1: no guidance), got {scale}")
+    return scale
 
 
 def as_guidance(model) -> Guidance:

@@ -1,7 +1,9 @@
 """Sample grids and PNGs."""
 
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -37,10 +39,6 @@ def save_png(image, path, upscale=None):
 def save_npz(path, **arrays):
     """np.savez under a temporary name, then renamed: a full disk or a killed run never leaves a
     truncated .npz that looks like a finished one."""
-    import os
-
-    import numpy as np
-
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:  # a file object: np.savez appends no second ".npz"

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -63,7 +62,7 @@ from dit.config import is_override, process_options, sampler_from
 from dit.data.decoding import data_are_pixels, make_decoder
 from dit.data.vae import SCALE_FACTOR, to_uint8
 from dit.diffusion import GUIDANCE_VARIANTS, batch_generator, batch_labels, draw, is_flow
-from dit.diffusion.guidance import check_guidance
+from dit.diffusion.guidance import check_guidance, check_guidance_scale
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.evaluation.images import make_grid, save_npz, save_png
 from dit.models import DiT
@@ -361,8 +360,7 @@ def main(argv=None):
     check_guidance(args.guidance, args.guidance_interval, "--guidance-interval")
     if any(o.split("=", 1)[0] == "sampler" for o in args.overrides) or not args.overrides:
         sampler_from(args.overrides)  # sampler.KEY=V alone is checked once the model says its default sampler
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        raise UsageError(f"--guidance-scale must be a number of at least 0 (1: no guidance), got {args.guidance_scale}")
+    check_guidance_scale(args.guidance_scale)
     if args.num_samples <= 0 or args.batch_size <= 0 or args.seed < 0:
         raise UsageError("--num-samples and --batch-size must be positive, --seed not negative")
     devices = int(args.devices) if args.devices.isdigit() else args.devices

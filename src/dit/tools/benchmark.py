@@ -18,7 +18,6 @@ run's matmuls (bf16 under bf16-mixed), and the share is taken against it.
 
 import argparse
 import json
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from dit.config import sampler_from
 from dit.diffusion import DDPM, REPA, Euler, FlowMatching, Hybrid, batch_generator, draw, is_flow
+from dit.diffusion.guidance import check_guidance_scale
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.models import DiT, DiT_models
 from dit.models.flops import count_gflops
@@ -295,8 +295,7 @@ def parse_args(argv=None):
         if value < (1 if name in counts else 0):
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {1 if name in counts else 0}, got {value}")
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        raise UsageError(f"--guidance-scale must be a number of at least 0, got {args.guidance_scale}")
+    check_guidance_scale(args.guidance_scale)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     return args

@@ -13,9 +13,14 @@ the blocks are not the identity):
 - fp8-ao-<rowwise|tensorwise>: torchao's inference quantisation of the blocks' qkv, proj, fc1 and fc2
   (Float8DynamicActivationFloat8WeightConfig): weights quantised to float8 e4m3 once, each input on
   every call, with one scale a row or a tensor; the rest as under bf16 autocast
+- fp8-fused-<rowwise|tensorwise>[:layer,layer]: the four layers (or those listed) through
+  dit.models.float8_sampling (the sampler's --float8): weights quantised once, each input's scale
+  computed by plain tensor operations that torch.compile fuses into the kernel producing the input;
+  the MLP's GELU in its sigmoid form when fc2 is quantised; `-tanh` after the granularity keeps nn.GELU
+- bf16-sigmoid-gelu: bf16 autocast with the MLP's GELU in its sigmoid form (the same function)
 
-On an H200 (docs/benchmarks.md §4) both float8 variants were slower than bf16 autocast, so the
-project's sampler has no float8 option. torchao runs them on CUDA GPUs of compute capability 8.9+ only.
+`--profile N` also prints each variant's N largest GPU kernels over 3 forwards (torch.profiler).
+torchao and torch's float8 matmuls run on CUDA GPUs of compute capability 8.9+ only.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import time
 import torch
 
 from dit.models import DiT
+from dit.models.float8_sampling import SigmoidGELU, quantize_for_sampling
 from dit.tools.benchmark import model_kwargs
 from dit.training.float8 import LAYERS, convert_blocks_to_float8, is_float8_layer
 
@@ -73,8 +79,11 @@ def main():
             "fp8-train-rowwise",
             "fp8-ao-rowwise",
             "fp8-ao-tensorwise",
+            "fp8-fused-rowwise",
+            "fp8-fused-tensorwise",
         ],
     )
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N largest kernels of each variant")
     args = p.parse_args()
     device = torch.device("cuda")
     base = non_identity_model(args.model, args.image_size)
@@ -89,7 +98,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.model}, forward of {n}", flush=True)
     for variant in args.variants:
         try:
-            ms, err, warm = time_variant(variant, base, x, t, y, reference, args.reps)
+            ms, err, warm = time_variant(variant, base, x, t, y, reference, args.reps, args.profile)
         except Exception as e:  # one variant's failure must not lose the others' figures
             print(f"{variant:22s} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
@@ -102,7 +111,7 @@ def main():
         torch.cuda.empty_cache()
 
 
-def time_variant(variant, base, x, t, y, reference, reps):
+def time_variant(variant, base, x, t, y, reference, reps, profile=0):
     """(ms a forward, relative error to the fp32 output, warm-up seconds); bf16 autocast throughout
     (it casts the inputs; layers already in bf16 or float8 are left as they are)."""
     model = copy.deepcopy(base)
@@ -112,6 +121,15 @@ def time_variant(variant, base, x, t, y, reference, reps):
         convert_blocks_to_float8(model, variant.removeprefix("fp8-train-"), LAYERS)
     elif variant.startswith("fp8-ao-"):
         quantize_blocks_for_sampling(model, variant.removeprefix("fp8-ao-"))
+    elif variant == "bf16-sigmoid-gelu":
+        for block in model.blocks:
+            block.mlp.act = SigmoidGELU()
+    elif variant.startswith("fp8-fused-"):
+        granularity, _, layers = variant.removeprefix("fp8-fused-").partition(":")
+        quantize_for_sampling(model, granularity.removesuffix("-tanh"), layers.split(",") if layers else LAYERS)
+        if granularity.endswith("-tanh"):
+            for block in model.blocks:
+                block.mlp.act = torch.nn.GELU(approximate="tanh")
     model = torch.compile(model.to(x.device))
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -125,6 +143,12 @@ def time_variant(variant, base, x, t, y, reference, reps):
             model(x, t, y)
         end.record()
         torch.cuda.synchronize()
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    model(x, t, y)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=profile, max_name_column_width=90))
     return begin.elapsed_time(end) / reps, ((out.float() - reference).norm() / reference.norm()).item(), warm
 
 

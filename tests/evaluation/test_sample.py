@@ -258,3 +258,27 @@ def test_folders_and_files_that_are_not_samples_are_left_alone(tiny_run, tmp_pat
         refused(tmp_path / "n", "--guidance-scale", "nan"), "--guidance-scale must be a number of at least 0"
     )
     one_line_error(refused(tmp_path / "d", "--devices", "0"), "--accelerator cpu --devices 0: ", "--devices 1)")
+
+
+def test_float8_samples_are_recorded_as_such(tiny_run, tmp_path, capsys):
+    """--float8 tensorwise (the CPU's float8 matmul) draws nearly the samples fp32 draws, not the
+    same ones; the folder records it, so neither setting resumes the other's folder; rowwise on
+    the CPU is one line."""
+    from dit.errors import exit_on_usage_error
+
+    common = cpu_ddim5(4, 4)
+    plain, f8 = tmp_path / "plain", tmp_path / "f8"
+    sample_main([str(tiny_run), str(plain), *common])
+    sample_main([str(tiny_run), str(f8), *common, "--float8", "tensorwise"])
+    a, b = (np.load(f"{out}.npz") for out in (plain, f8))
+    assert json.loads(str(b["manifest"]))["identity"]["float8"] == "tensorwise"
+    assert json.loads(str(a["manifest"]))["identity"]["float8"] is None
+    difference = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert 0 < difference.mean() < 4, difference.mean()  # of 255: float8's rounding, not other images
+    for out, more, fragment in [
+        (plain, ["--float8", "tensorwise"], "float8: None -> 'tensorwise'"),
+        (tmp_path / "r", ["--float8", "rowwise"], "--float8 rowwise runs on CUDA GPUs"),
+    ]:
+        with pytest.raises(SystemExit):
+            exit_on_usage_error(lambda: sample_main([str(tiny_run), str(out), *common, *more]))
+        one_line_error(capsys.readouterr().err, fragment)

@@ -52,6 +52,17 @@ def test_benchmark_of_the_modern_objectives(objective, tmp_path):
     assert r["sampler_nfe"] == 4 and r["sampler_forwards_per_image"] == 4 + 2
 
 
+def test_the_sampler_with_float8_matmuls(tmp_path):
+    """--sampler-float8 tensorwise (the CPU's float8 matmul) times the sampler with the four
+    linears of each of DiT-S's 12 blocks in float8."""
+    out = tmp_path / "bench.json"
+    args = "--model DiT-S/8 --image-size 64 --no-train --time-sampler --sample-batch-size 2 sampler.steps=2"
+    main([*args.split(), "--sampler-float8", "tensorwise", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["sampler_float8"] == "tensorwise" and r["sampler_float8_layers"] == 4 * 12
+    assert r["sampler_images_per_sec"] > 0
+
+
 def test_xl2_flops_per_image():
     """The figure MFU rests on: DiT-XL/2 at 256px is 118.6 Gflops in the paper's convention (MACs),
     so 237 GFLOP forward and 712 GFLOP per trained image (3 × forward: backward costs 2×)."""
@@ -122,6 +133,10 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
         (["--batch-size", "-2"], "--batch-size must be at least 0, got -2"),
         (["--guidance-scale", "nan"], "--guidance-scale must be a number of at least 0 (1: no guidance), got nan"),
         (["--json", "no/such/folder/x.json"], "the folder no/such/folder does not exist"),
+        (
+            ["--sampler-float8", "tensorwise"],
+            "--sampler-float8 is a setting of the sampler's timing: add --time-sampler",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_before_anything_runs(argv, message):

@@ -167,14 +167,16 @@ def test_balanced_labels_give_each_class_exactly_its_share():
 
 
 def test_a_sample_folder_from_before_the_interval_and_labels_keys_is_resumed(tmp_path):
-    """A folder whose manifest lacks guidance_interval and labels was drawn with guidance everywhere
-    and random labels (or its --classes): the same identity, so a rerun extends it."""
+    """A folder whose manifest lacks guidance_interval, labels and float8 was drawn with guidance
+    everywhere, random labels (or its --classes) and no float8: the same identity, so a rerun extends it."""
     from dit.evaluation.sample import check_sample_folder
     from dit.training.manifest import write_manifest
 
-    now = dict(guidance_scale=1.5, classes=[], guidance_interval=[0.0, 1.0], labels="random")
+    now = dict(guidance_scale=1.5, classes=[], guidance_interval=[0.0, 1.0], labels="random", float8=None)
     write_manifest(tmp_path, dict(kind="samples", identity=dict(guidance_scale=1.5, classes=[])))
     (tmp_path / "000000.png").write_bytes(b"")
     check_sample_folder(tmp_path, now, overwrite=False, rank=0)  # accepted
     with pytest.raises(UsageError, match="guidance_interval"):
         check_sample_folder(tmp_path, now | dict(guidance_interval=[0.0, 0.7]), overwrite=False, rank=0)
+    with pytest.raises(UsageError, match="float8: None -> 'rowwise'"):
+        check_sample_folder(tmp_path, now | dict(float8="rowwise"), overwrite=False, rank=0)

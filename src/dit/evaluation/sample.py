@@ -23,6 +23,10 @@ levels. The folder's manifest records the labels protocol,
 the sampler, its function evaluations per sample (NFE), the guidance and the seed, and dit.fid's
 figures carry that record.
 
+`--float8 rowwise|tensorwise` runs the blocks' linears as float8 matmuls with the weights quantised
+once (dit.models.float8_sampling; GPUs of compute capability 8.9+, tensorwise also on the CPU),
+usually with `--precision bf16-mixed`; the manifest records it, as it changes the samples.
+
 Settings are spelled as in train.py's config: `--guidance-scale`, `--guidance`, `--vae`, `--seed`,
 `--batch-size`, `--compile`, `--precision` are the keys of `module.sampling` and `callbacks.fid`
 (with Lightning's precision names); the sampler is the same config group, `sampler=NAME` and
@@ -66,6 +70,8 @@ from dit.diffusion.guidance import check_guidance, check_guidance_scale
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.evaluation.images import make_grid, save_npz, save_png
 from dit.models import DiT
+from dit.models.float8_sampling import GRANULARITIES as FLOAT8_GRANULARITIES
+from dit.models.float8_sampling import check_float8_sampling, quantize_for_sampling
 from dit.training.checkpoints import load_weights_file
 from dit.training.manifest import (
     MANIFEST_FILE,
@@ -113,7 +119,7 @@ def load_model(path: str | Path, num_heads: int | None = None) -> tuple[DiT, tup
 def implied_identity(identity: dict) -> dict:
     """A folder's recorded identity with the keys added since it was drawn, at the values it was
     drawn with: guidance everywhere, and uniform random labels (or the --classes it cycled)."""
-    implied = dict(guidance_interval=[0.0, 1.0], labels="classes" if identity.get("classes") else "random")
+    implied = dict(guidance_interval=[0.0, 1.0], labels="classes" if identity.get("classes") else "random", float8=None)
     return implied | identity
 
 
@@ -186,6 +192,8 @@ def run(fabric, args):
     out_dir = Path(args.out_dir)
     classes = parse_classes(args.classes)
     device = fabric.device
+    if args.float8:
+        check_float8_sampling(args.float8, device)
     model, (pixels, scale), provenance = load_model(args.checkpoint, args.num_heads)
     # Without sampler=NAME: the paper's 250 DDPM steps, or for a flow SiT's and REPA's FID sampler, the SDE.
     sampler = sampler_from(args.overrides, "sde" if is_flow(model.diffusion_options) else "ddpm")
@@ -216,6 +224,7 @@ def run(fabric, args):
             classes=classes,
             precision=args.precision,
             tf32=args.tf32,
+            float8=args.float8,
             vae=None if pixels else args.vae,
             diffusion=model.diffusion_options,
         )
@@ -239,6 +248,8 @@ def run(fabric, args):
         if fabric.global_rank == 0:
             write_manifest(out_dir, manifest)
     model.to(device)
+    if args.float8:
+        quantize_for_sampling(model, args.float8)
     if COMPILE[args.compile] is True or (args.compile == "auto" and device.type == "cuda"):
         # Every step of every batch has the same shapes: compiled once, the graph serves the whole run
         # (the last, smaller batch compiles once more).
@@ -344,6 +355,11 @@ def main(argv=None):
     )
     parser.add_argument(
         "--compile", choices=list(COMPILE), default="auto", help="torch.compile the model (auto: on GPUs)"
+    )
+    parser.add_argument(
+        "--float8",
+        choices=FLOAT8_GRANULARITIES,
+        help="the blocks' linears in float8, weights quantised once (dit.models.float8_sampling); with bf16-mixed",
     )
     parser.add_argument("--num-heads", type=int, help="for a bare state dict of a width off the paper's table")
     parser.add_argument(

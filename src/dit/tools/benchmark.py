@@ -31,6 +31,8 @@ from dit.diffusion import DDPM, REPA, Euler, FlowMatching, Hybrid, batch_generat
 from dit.diffusion.guidance import check_guidance_scale
 from dit.errors import ArgumentParser, UsageError, exit_on_usage_error
 from dit.models import DiT, DiT_models
+from dit.models.float8_sampling import GRANULARITIES as FLOAT8_GRANULARITIES
+from dit.models.float8_sampling import check_float8_sampling, quantize_for_sampling
 from dit.models.flops import count_gflops
 from dit.training.callbacks.ema import EMA
 from dit.training.callbacks.nonfinite_guard import NonFiniteGuard
@@ -219,6 +221,7 @@ def benchmark_sampler(args, kwargs, device, dtype):
     halves, for the steps in --guidance-interval), random weights, under autocast."""
     torch.manual_seed(0)
     net = DiT(**{**kwargs, "activation_checkpointing": False}).to(device).eval()
+    float8_layers = quantize_for_sampling(net, args.sampler_float8) if args.sampler_float8 else []
     compile = device.type == "cuda" if args.compile == "auto" else args.compile
     if compile:
         net.compile(mode=None if compile is True else compile)
@@ -242,6 +245,7 @@ def benchmark_sampler(args, kwargs, device, dtype):
         seconds=seconds,
         nfe=sampler.nfe,
         forwards_per_image=sampler.nfe + sampler.guided_nfe,  # a guided evaluation is a forward of 2
+        float8_layers=len(float8_layers),
     )
 
 
@@ -278,6 +282,11 @@ def parse_args(argv=None):
         "overrides", nargs="*", metavar="sampler=...", help="the sampler as in train.py: sampler=ddim sampler.steps=..."
     )
     p.add_argument("--sample-batch-size", type=int, default=64)
+    p.add_argument(
+        "--sampler-float8",
+        choices=FLOAT8_GRANULARITIES,
+        help="the sampler's blocks' linears in float8, weights quantised once (dit.models.float8_sampling)",
+    )
     p.add_argument("--guidance-scale", type=float, default=1.5)
     p.add_argument(
         "--guidance-interval", nargs=2, type=float, default=[0.0, 1.0], metavar=("LOW", "HIGH"), help="REPA: 0 0.7"
@@ -296,6 +305,8 @@ def parse_args(argv=None):
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {1 if name in counts else 0}, got {value}")
     check_guidance_scale(args.guidance_scale)
+    if args.sampler_float8 and not args.time_sampler:
+        raise UsageError("--sampler-float8 is a setting of the sampler's timing: add --time-sampler")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     return args
@@ -321,9 +332,12 @@ def main(argv=None):
         ddp=args.devices > 1 or args.ddp,
         float8=args.float8,
         float8_layers=args.float8_layers if args.float8 else [],
+        sampler_float8=args.sampler_float8,
         forward_gflop_per_image=fwd,
         train_gflop_per_image=3 * fwd,
     )
+    if args.sampler_float8:
+        check_float8_sampling(args.sampler_float8, torch.device("cuda" if cuda else "cpu"), "--sampler-float8")
     rank0 = True
     if not args.no_train:
         if args.batch_size == 0:
@@ -397,8 +411,9 @@ def report(r):
         )
         print(f"  warm-up: {r['train_warmup_s']:.1f} s for the first {r['warmup']} steps (compilation included)")
     if "sampler_images_per_sec" in r:
+        float8 = f", float8 ({r['sampler_float8']}) matmuls in the blocks" if r["sampler_float8"] else ""
         print(
-            f"  sampler, batch {r['sample_batch_size']} ({r['sampler_nfe']} evaluations, "
+            f"  sampler{float8}, batch {r['sample_batch_size']} ({r['sampler_nfe']} evaluations, "
             f"{r['sampler_forwards_per_image']} forwards/image): "
             f"{r['sampler_images_per_sec']:.2f} images/s, {r['sampler_tflops']:.1f} TFLOP/s = "
             f"{100 * r['sampler_mfu']:.1f}% of the sustained matmul rate ({100 * r['sampler_mfu_burst']:.1f}% of the burst rate)"

@@ -1,0 +1,112 @@
+"""Float8 matmuls for sampling: the blocks' linears with their weights quantised once.
+
+Sampling never changes the weights, so each chosen `nn.Linear` is replaced by a
+`Float8SamplingLinear` that holds its weight in float8 e4m3 (quantised once, here) and quantises
+only its input on each call. The input's scales are computed with plain tensor operations, so that
+torch.compile fuses them into the kernel that produces the input (the modulated layer norm before
+qkv and fc1, the GELU before fc2): the input reaches the matmul as float8 with no pass of its own.
+The matmul is `torch._scaled_mm` (cuBLAS / CUTLASS float8 kernels, bf16 output, as an autocast
+linear's).
+
+The quantised fc2 takes the GELU's output, whose scales need it over a whole row (or tensor)
+before the cast: torch.compile's kernel computes the GELU once for the absolute maximum and again
+for the cast. In the tanh form that kernel is bound by the tanh's arithmetic, so the MLP's GELU
+is swapped for `SigmoidGELU`, the same function in the form x·σ(2u), which compiles to the GPU's
+fast exponential (on an H200: 4.56 against 4.32 images/s for the rowwise sampler, docs/benchmarks.md §4).
+
+Granularity: "rowwise" keeps one scale for each input row (token) and each weight row (output
+channel); "tensorwise" one for each tensor. torch's CPU float8 matmul takes tensorwise scales only
+(torch 2.9), so the CPU runs tensorwise (for tests) and GPUs of compute capability 8.9+ run both.
+Attention, the norms, the adaLN modulation, the embedders and the final layer stay as they were.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dit.errors import UsageError
+from dit.training.float8 import LAYERS, is_float8_layer
+
+GRANULARITIES = ("rowwise", "tensorwise")
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+TINY = 1e-12  # an all-zero row (or tensor) gets a scale that keeps it zero rather than nan
+
+
+def quantize(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale in e4m3, scale in fp32): scale = amax / 448 over each row of the last dim
+    (shape (rows, 1)) or over the whole tensor (shape ()), so the largest magnitude maps to e4m3's."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True) if granularity == "rowwise" else x.abs().amax()
+    scale = amax.clamp(min=TINY) / E4M3_MAX
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+class SigmoidGELU(nn.Module):
+    """The tanh-approximated GELU (Hendrycks & Gimpel 2016; the official Mlp's) in the form
+    x·σ(2u), u = √(2/π)(x + 0.044715x³): 0.5(1 + tanh u) = σ(2u), so it is the same function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2√(2/π) = 1.5957…
+
+
+class Float8SamplingLinear(nn.Module):
+    """`linear`'s function with an e4m3 weight: y = (x_q · s_x) (W_q · s_W)ᵀ + b, in bf16."""
+
+    def __init__(self, linear: nn.Linear, granularity: str):
+        super().__init__()
+        self.in_features, self.out_features, self.granularity = linear.in_features, linear.out_features, granularity
+        weight, scale = quantize(linear.weight.detach(), granularity)
+        self.register_buffer("weight", weight)  # (out, in), row-major: .t() is the column-major operand
+        # _scaled_mm takes the second operand's scales as (1, out) for rowwise.
+        self.register_buffer("weight_scale", scale.t().contiguous() if granularity == "rowwise" else scale)
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, granularity={self.granularity}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_q, x_scale = quantize(rows, self.granularity)
+        out = torch._scaled_mm(
+            x_q,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,  # inference: the float8 kernels' fast accumulation, as torchao's inference configs
+        )
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def check_float8_sampling(granularity, device: torch.device, flag: str = "--float8") -> None:
+    """One line, naming `flag`, for a granularity or a device that cannot run it."""
+    if granularity not in GRANULARITIES:
+        raise UsageError(f"{flag} {granularity}: use one of {', '.join(GRANULARITIES)} (or leave it out)")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UsageError(
+            f"{flag} needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(device)} has none: leave {flag} out"
+        )
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and granularity != "tensorwise"):
+        raise UsageError(f"{flag} {granularity} runs on CUDA GPUs (tensorwise also on the CPU); leave {flag} out")
+
+
+def quantize_for_sampling(model: nn.Module, granularity: str, layers=LAYERS) -> list[str]:
+    """Replace the chosen linears of `model.blocks` by Float8SamplingLinear (and the GELU before a
+    replaced fc2 by SigmoidGELU), in place; returns the names of the replaced linears. For sampling
+    only: the model's state dict changes (float8 buffers, no parameters)."""
+    replaced = []
+    for name, module in list(model.blocks.named_modules()):
+        if is_float8_layer(module, name, layers):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.blocks.get_submodule(parent_name) if parent_name else model.blocks
+            setattr(parent, child, Float8SamplingLinear(module, granularity).to(module.weight.device))
+            act = getattr(parent, "act", None)
+            if child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh":
+                parent.act = SigmoidGELU()
+            replaced.append(f"blocks.{name}")
+    return replaced

@@ -1,0 +1,107 @@
+"""The sampler's float8 option (dit.models.float8_sampling): e4m3 quantisation, the float8 linear
+against its fp32 original, the GELU's sigmoid form, a whole DiT, and the devices it refuses. The
+CPU runs torch's float8 matmul with one scale a tensor; rowwise is measured on GPUs
+(benchmarks/float8_sampler_gpu.sh)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dit.errors import UsageError
+from dit.models import DiT
+from dit.models.float8_sampling import (
+    Float8SamplingLinear,
+    SigmoidGELU,
+    check_float8_sampling,
+    quantize,
+    quantize_for_sampling,
+)
+
+
+@pytest.mark.parametrize("granularity", ["rowwise", "tensorwise"])
+def test_quantize_maps_each_amax_to_448_and_rounds_to_e4m3(granularity):
+    """The scale is amax / 448 over a row (or the tensor); dequantised values are within e4m3's
+    rounding (3 mantissa bits: half a step, 1/16 relative) of the input; zero rows stay zero."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 64) * torch.tensor([1.0, 10.0, 0.01, 3.0, 100.0, 0.0]).unsqueeze(1)
+    q, scale = quantize(x, granularity)
+    assert q.dtype == torch.float8_e4m3fn
+    expected_amax = x.abs().amax(dim=1, keepdim=True) if granularity == "rowwise" else x.abs().max()
+    assert scale.shape == expected_amax.shape
+    nonzero = expected_amax > 0
+    assert torch.allclose((scale * 448)[nonzero.expand_as(scale)], expected_amax[nonzero])
+    back = q.float() * scale
+    assert torch.all(back[5] == 0) and not back.isnan().any()
+    normal = x.abs() >= 2**-6 * scale  # e4m3's normal range; below it the step is absolute
+    assert ((back - x).abs() <= x.abs() / 16 + 1e-12)[normal].all()
+    assert (back - x).abs().max() > 0  # it did round
+
+
+def test_the_sigmoid_form_is_the_tanh_gelu():
+    x = torch.linspace(-12, 12, 10001, dtype=torch.float64)
+    assert torch.allclose(SigmoidGELU()(x), nn.functional.gelu(x, approximate="tanh"), atol=1e-12, rtol=0)
+
+
+def test_a_float8_linear_computes_its_linear_within_float8_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 256)
+    x = torch.randn(3, 10, 128)
+    f8 = Float8SamplingLinear(linear, "tensorwise")
+    assert f8.weight.dtype == torch.float8_e4m3fn and not list(f8.parameters())
+    out, reference = f8(x), linear(x)
+    assert out.shape == reference.shape and out.dtype == torch.bfloat16
+    error = ((out.float() - reference).norm() / reference.norm()).item()
+    assert 1e-4 < error < 0.05, error  # float8's error, not an exact copy nor a wrong result
+
+
+def non_identity_dit():
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=4, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():  # adaLN-Zero's zeros: the blocks would be the identity
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_a_dit_with_float8_blocks_draws_what_the_fp32_one_does():
+    """Every block's qkv, proj, fc1 and fc2 become float8 (the GELU its sigmoid form); the output
+    moves from the fp32 model's by a small part of what the blocks change (float8's error; a 10%
+    error in the weights' scales moves it 5× as far), under bf16 autocast too."""
+    model = non_identity_dit()
+    identity = copy.deepcopy(model)
+    for block in identity.blocks:  # adaLN-Zero at its initialisation: every block is the identity
+        nn.init.zeros_(block.adaLN_modulation[1].weight), nn.init.zeros_(block.adaLN_modulation[1].bias)
+    f8 = copy.deepcopy(model)
+    replaced = quantize_for_sampling(f8, "tensorwise")
+    assert replaced == [
+        f"blocks.{b}.{layer}" for b in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ]
+    assert all(isinstance(block.mlp.act, SigmoidGELU) for block in f8.blocks)
+    assert isinstance(f8.blocks[0].attn.qkv, Float8SamplingLinear) and isinstance(f8.final_layer.linear, nn.Linear)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 250, 500, 999]), torch.tensor([1, 2, 3, 10])
+    with torch.no_grad():
+        reference = model(x, t, y)
+        effect = (reference - identity(x, t, y)).norm()
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = f8(x, t, y).float()
+            error = ((out - reference).norm() / effect).item()
+            assert 1e-4 < error < 0.1, (autocast, error)
+
+
+def test_only_the_named_layers_are_quantised():
+    model = non_identity_dit()
+    assert quantize_for_sampling(model, "tensorwise", ["qkv"]) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert isinstance(model.blocks[0].mlp.fc2, nn.Linear) and isinstance(model.blocks[0].mlp.act, nn.GELU)
+
+
+def test_devices_and_granularities_that_cannot_run_are_one_line():
+    check_float8_sampling("tensorwise", torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"--float8 rowwise runs on CUDA GPUs \(tensorwise also on the CPU\)"):
+        check_float8_sampling("rowwise", torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"--sampler-float8 blockwise: use one of rowwise, tensorwise"):
+        check_float8_sampling("blockwise", torch.device("cpu"), "--sampler-float8")

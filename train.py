@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -115,18 +116,28 @@ def pod_run_folder(shared_dir, kind, name):
     A missing value exits with one sentence: Hydra resolves this folder before calling main(), and
     an exception there prints some 70 lines of OmegaConf's trace around it."""
     if not shared_dir:
-        sys.exit(
+        exit_with_one_line(
             "trainer=tpu_v3_pod needs shared_dir=<a folder every host mounts>, where the run and its checkpoints live"
         )
-    if not name:
-        sys.exit(
+    if not has_name(name):
+        exit_with_one_line(
             "trainer=tpu_v3_pod needs name=<run name>: timestamps differ between hosts, a name gives them one run folder"
         )
-    return os.path.join(shared_dir, kind, name)
+    return os.path.join(shared_dir, kind, str(name))
+
+
+def exit_with_one_line(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def has_name(name) -> bool:
+    """name=0 names a run as name=abc does (Hydra reads it as the number 0); null and "" do not."""
+    return name is not None and name != ""
 
 
 replace_hydra_subprocess_command(ddp_child_command)
-OmegaConf.register_new_resolver("run_folder", lambda name, stamp: name or stamp, replace=True)
+OmegaConf.register_new_resolver("run_folder", lambda name, stamp: str(name) if has_name(name) else stamp, replace=True)
 OmegaConf.register_new_resolver("pod_run_folder", pod_run_folder, replace=True)
 OmegaConf.register_new_resolver(
     "dit_name", lambda size, depth, width, patch: model_name(size, depth, width, patch), replace=True
@@ -207,6 +218,8 @@ def check_config(cfg):
             )
     if not (cfg.get("resume") is None or isinstance(cfg.resume, str)):
         raise UsageError(f"resume must be auto or a checkpoint path, got {cfg.resume!r}")
+    if isinstance(cfg.get("resume"), str) and cfg.resume != "auto" and cfg.resume.strip().lower() == "auto":
+        raise UsageError(f"resume={cfg.resume}: write resume=auto (in lower case) to continue the run")
     for key in ("accept_changes", "require_tags", "print_config"):
         if cfg.get(key, False) not in (True, False):
             raise UsageError(f"{key} must be true or false, got {cfg.get(key)!r}")
@@ -305,11 +318,30 @@ def main(cfg: DictConfig):
         return run_and_report(cfg)
 
 
+# What a class raises for a value it refuses (Lightning's Trainer for trainer.devices=abc or an
+# accelerator this machine lacks, torch for an EMA decay of 1.5): the config node and the message.
+REFUSED_VALUE_ERRORS = (TypeError, ValueError, MisconfigurationException)
+
+
+def refused_value(err: InstantiationException) -> UsageError | None:
+    """One line for a config node whose class refused a value, naming the node; None with
+    HYDRA_FULL_ERROR=1 (Hydra's switch for the whole trace) or for another kind of failure."""
+    cause = err.__cause__
+    if not isinstance(cause, REFUSED_VALUE_ERRORS) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    node = re.search(r"full_key: (\S+)", str(err))
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    where = node.group(1) if node else "the config"
+    return UsageError(f"{where}: {lines[0]} (fix the value under {where}; HYDRA_FULL_ERROR=1 shows the trace)")
+
+
 def run_and_report(cfg):
     try:
         return train(cfg)
     except (InstantiationException, *ONE_LINE_ERRORS) as err:
         cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if isinstance(err, InstantiationException) and not isinstance(cause, ONE_LINE_ERRORS):
+            cause = refused_value(err) or cause
         if not isinstance(cause, ONE_LINE_ERRORS):
             raise
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -352,7 +384,7 @@ def train(cfg):
             f"{summary['name']} ({summary['conditioning']}, {summary['tokens']} tokens): {summary['params'] / 1e6:.2f}M "
             f"parameters, {summary['gflops']:.2f} Gflops per forward pass (one image, multiply-add = 1 flop, as the paper)"
         )
-    if cfg.resume == "auto" and not cfg.name:
+    if cfg.resume == "auto" and not has_name(cfg.name):
         raise UsageError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
     out = Path(cfg.output_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)

@@ -55,6 +55,11 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
             ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3"],  # refused once, before 3 ranks start
             "data.global_batch_size=128 does not divide over 3 devices (trainer.devices=3, trainer.num_nodes=1)",
         ),
+        # refused by the class the node instantiates (Lightning, torch): the node named, one line
+        ("trainer.devices=abc", "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
+        ("trainer.accelerator=mps", "trainer: `MPSAccelerator` can not run on your system"),
+        ("callbacks.ema.multi_avg_fn.decay=1.5", "callbacks.ema.multi_avg_fn: Invalid decay value 1.5 provided."),
+        ("resume=Auto", "resume=Auto: write resume=auto (in lower case)"),  # else taken as a file's path
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
 )

@@ -80,6 +80,17 @@ def test_debug_runs_live_apart_and_real_runs_in_the_paths_folders(tmp_path):
     assert cfg.hydra.run.dir.startswith("/scratch/runs/") and cfg.hydra.sweep.dir.startswith("multirun/")
 
 
+def test_a_number_names_a_run_as_a_word_does(tmp_path):
+    """name=0 (Hydra reads the number 0) is the run folder outputs/0, not a timestamp; resume=auto takes it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for name in ("0", "abc"):
+            cfg = compose("train", overrides=[f"name={name}", "resume=auto"], return_hydra_config=True)
+            assert cfg.hydra.run.dir == f"outputs/{name}" and cfg.hydra.sweep.dir == f"multirun/{name}"
+        assert compose("train", return_hydra_config=True).hydra.run.dir.startswith("outputs/20")
+    assert train.has_name(0) and train.has_name("abc") and not train.has_name(None) and not train.has_name("")
+
+
 def test_a_local_override_file_applies_and_git_ignores_it(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)

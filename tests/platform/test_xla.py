@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch_xla.debug.metrics as metrics  # noqa: E402
 import train
-from conftest import QUICK, compose_cfg, run_train
+from conftest import QUICK, compose_cfg, one_line_error, run_train
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 
@@ -188,15 +188,17 @@ def test_xla_flash_attention_falls_back_to_sdpa_off_a_tpu():
         DiT(attention="flash")
 
 
-def test_pod_preset_puts_the_run_on_a_shared_folder_and_keeps_tpu_v3(tmp_path):
+def test_pod_preset_puts_the_run_on_a_shared_folder_and_keeps_tpu_v3(tmp_path, capsys):
     for overrides, missing in (
         ([], "shared_dir=<a folder every host mounts>"),
         (["shared_dir=/mnt/shared"], "name=<run name>"),
     ):
         compose_cfg(["trainer=tpu_v3_pod", *overrides], tmp_path)
-        # Hydra resolves the run folder before train.main: the one sentence, then exit (no trace)
-        with pytest.raises(SystemExit, match=f"^trainer=tpu_v3_pod needs {missing}"):
+        # Hydra resolves the run folder before train.main: the one line, then exit 2 (no trace)
+        with pytest.raises(SystemExit) as stop:
             _ = HydraConfig.get().run.dir
+        assert stop.value.code == 2
+        one_line_error(capsys.readouterr().err, f"trainer=tpu_v3_pod needs {missing}")
     shared = tmp_path / "shared"
     pod = compose_cfg(["trainer=tpu_v3_pod", f"shared_dir={shared}", "name=xl2"], tmp_path)
     assert HydraConfig.get().run.dir == str(shared / "outputs" / "xl2")

@@ -6,6 +6,7 @@ exception is a bug and keeps its traceback.
 """
 
 import argparse
+import os
 import sys
 
 
@@ -37,12 +38,19 @@ def number(key: str, value) -> float:
 
 
 def exit_on_usage_error(main):
-    """Run a tool's `main()`; a usage error ends it with one line on stderr."""
+    """Run a tool's `main()`; a usage error ends it with one line on stderr. Output piped into a
+    reader that stops early (`| head`) ends it quietly, as the Python docs advise for SIGPIPE
+    (library/signal.html, "Note on SIGPIPE"): stdout pointed at devnull, exit 1."""
     try:
-        return main()
+        result = main()
+        sys.stdout.flush()  # a closed pipe shows here at the latest, inside the try
+        return result
     except ONE_LINE_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,8 +1,12 @@
 """Gflops and parameters (dit.models.flops) against the paper: Table 4, the §3.2 ablation, 512 px."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import tiny
+from conftest import child_env, tiny
 
 from dit.models import CONDITIONINGS, DiT_models
 from dit.models.flops import count_gflops, count_params, measure
@@ -99,4 +103,26 @@ def test_an_image_size_the_table_cannot_patch_is_one_line(size, patch, capsys):
     assert captured.err.strip() == (
         f"error: --image-size {size}: the latent (1/8 of it) must be a positive multiple of the patch {patch}; "
         f"give a multiple of {8 * int(patch)}, e.g. 256"
+    )
+
+
+def test_the_command_into_a_closed_pipe_ends_quietly():
+    """`dit-flops | head -1`: the reader gone, the command ends with exit code 1 and no traceback
+    (every tool runs through dit.errors.exit_on_usage_error). A pipe whose reading end is closed
+    before the command starts makes its first write fail."""
+    reading, writing = os.pipe()
+    os.close(reading)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "dit.flops"],
+            stdout=writing,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+            timeout=300,
+        )
+    finally:
+        os.close(writing)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, (
+        result.stderr
     )

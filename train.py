@@ -184,6 +184,21 @@ REQUIRED_VALUES = {
 }
 
 
+# Set on a node of a multi-node run by whatever started it: by hand (Lightning's on-prem cluster
+# guide sets NODE_RANK, MASTER_ADDR, MASTER_PORT, WORLD_SIZE), SLURM, LSF, torchrun or MPI.
+CLUSTER_VARIABLES = (
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "SLURM_NTASKS",
+    "LSB_JOBID",
+    "TORCHELASTIC_RUN_ID",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+)
+
+
 def check_config(cfg):
     """Clear, one-line errors for a wrong value and for hardware the machine does not have."""
     try:
@@ -240,6 +255,19 @@ def check_config(cfg):
             "e.g. trainer.devices=2"
         )
     nodes = cfg.trainer.get("num_nodes", 1)
+    if (
+        isinstance(nodes, int)
+        and nodes > 1
+        and accelerator != "tpu"
+        and not any(map(os.environ.get, CLUSTER_VARIABLES))
+    ):
+        # Lightning would take this process for node 0 and wait for the others without end
+        raise UsageError(
+            f"trainer.num_nodes={nodes}, but no cluster launcher started this process (none of "
+            f"{', '.join(CLUSTER_VARIABLES[:3])}, SLURM's or torchrun's variables is set): start it on every node "
+            "with NODE_RANK, MASTER_ADDR and MASTER_PORT set, or through launcher=slurm or torchrun; "
+            "or use trainer.num_nodes=1"
+        )
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 and isinstance(nodes, int):
         batch = OmegaConf.select(cfg, "data.global_batch_size")
         if isinstance(batch, int) and batch % (devices * nodes):  # else each rank says so, once started

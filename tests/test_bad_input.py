@@ -59,15 +59,22 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         ("trainer.devices=abc", "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
         ("trainer.accelerator=mps", "trainer: `MPSAccelerator` can not run on your system"),
         ("callbacks.ema.multi_avg_fn.decay=1.5", "callbacks.ema.multi_avg_fn: Invalid decay value 1.5 provided."),
-        ("resume=Auto", "resume=Auto: write resume=auto (in lower case)"),  # else taken as a file's path
+        ("resume=Auto", "resume=Auto: write resume=auto (in lower case)"),
+        # no launcher set a node's variables: Lightning would wait for node 1 without end
+        (
+            "trainer.num_nodes=2",
+            "trainer.num_nodes=2, but no cluster launcher started this process",
+        ),  # else taken as a file's path
         ("data.global_batch_size=100", None),  # fine on one device: the control
     ],
 )
-def test_config_mistakes(tmp_path, digits_dir, capsys, override, message):
+def test_config_mistakes(tmp_path, digits_dir, capsys, monkeypatch, override, message):
     """The same checks on the composed config, in this process (train.main: one line, exit code 2)."""
     import train
     from conftest import compose_cfg
 
+    for variable in train.CLUSTER_VARIABLES:  # as on a laptop: no cluster launcher around
+        monkeypatch.delenv(variable, raising=False)
     overrides = override if isinstance(override, list) else [override]
     cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "logger=none", *overrides], tmp_path)
     if message is None:

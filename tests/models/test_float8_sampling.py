@@ -99,6 +99,19 @@ def test_only_the_named_layers_are_quantised():
     assert isinstance(model.blocks[0].mlp.fc2, nn.Linear) and isinstance(model.blocks[0].mlp.act, nn.GELU)
 
 
+def test_swiglu_blocks_are_quantised_and_a_model_without_float8_shapes_is_refused():
+    # hidden width int(2/3 · 4 · 192) = 512: every dimension divides by 16
+    swiglu = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=192, depth=1, num_heads=4, mlp="swiglu")
+    assert quantize_for_sampling(swiglu, "tensorwise") == [
+        f"blocks.0.{n}" for n in ("attn.qkv", "attn.proj", "mlp.w12", "mlp.w3")
+    ]
+    narrow = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=72, depth=1, num_heads=4)  # 72 = 16 · 4.5
+    with pytest.raises(
+        UsageError, match="float8: no linear of this model's blocks .* has both dimensions divisible by 16"
+    ):
+        quantize_for_sampling(narrow, "tensorwise")
+
+
 def test_devices_and_granularities_that_cannot_run_are_one_line():
     check_float8_sampling("tensorwise", torch.device("cpu"))
     with pytest.raises(UsageError, match=r"--float8 rowwise runs on CUDA GPUs \(tensorwise also on the CPU\)"):

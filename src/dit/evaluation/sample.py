@@ -192,9 +192,11 @@ def run(fabric, args):
     out_dir = Path(args.out_dir)
     classes = parse_classes(args.classes)
     device = fabric.device
-    if args.float8:
-        check_float8_sampling(args.float8, device)
     model, (pixels, scale), provenance = load_model(args.checkpoint, args.num_heads)
+    if args.float8:  # before anything is written: a model with no layer to quantise is refused
+        replaced = quantize_for_sampling(model, args.float8)
+        if fabric.global_rank == 0:
+            print(f"float8 ({args.float8}): {len(replaced)} linears of the blocks")
     # Without sampler=NAME: the paper's 250 DDPM steps, or for a flow SiT's and REPA's FID sampler, the SDE.
     sampler = sampler_from(args.overrides, "sde" if is_flow(model.diffusion_options) else "ddpm")
     if any(not 0 <= c < model.num_classes for c in classes):
@@ -248,8 +250,6 @@ def run(fabric, args):
         if fabric.global_rank == 0:
             write_manifest(out_dir, manifest)
     model.to(device)
-    if args.float8:
-        quantize_for_sampling(model, args.float8)
     if COMPILE[args.compile] is True or (args.compile == "auto" and device.type == "cuda"):
         # Every step of every batch has the same shapes: compiled once, the graph serves the whole run
         # (the last, smaller batch compiles once more).
@@ -387,6 +387,8 @@ def main(argv=None):
         raise UsageError(
             f"--accelerator {args.accelerator} --devices {args.devices}: {message} (e.g. --accelerator cpu --devices 1)"
         ) from None
+    if args.float8:  # once, before the processes start
+        check_float8_sampling(args.float8, fabric.device)
     fabric.launch(run, args)
     return fabric.global_rank
 

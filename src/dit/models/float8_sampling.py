@@ -17,7 +17,9 @@ fast exponential (on an H200: 4.56 against 4.32 images/s for the rowwise sampler
 Granularity: "rowwise" keeps one scale for each input row (token) and each weight row (output
 channel); "tensorwise" one for each tensor. torch's CPU float8 matmul takes tensorwise scales only
 (torch 2.9), so the CPU runs tensorwise (for tests) and GPUs of compute capability 8.9+ run both.
-Attention, the norms, the adaLN modulation, the embedders and the final layer stay as they were.
+The blocks' linears are replaced (SAMPLING_LAYERS: qkv, proj, fc1, fc2; SwiGLU's w12, w3;
+cross-attention's q, kv), where both their dimensions divide by 16. Attention, the norms, the adaLN
+modulation, the embedders and the final layer stay as they were.
 """
 
 from __future__ import annotations
@@ -95,7 +97,12 @@ def check_float8_sampling(granularity, device: torch.device, flag: str = "--floa
         raise UsageError(f"{flag} {granularity} runs on CUDA GPUs (tensorwise also on the CPU); leave {flag} out")
 
 
-def quantize_for_sampling(model: nn.Module, granularity: str, layers=LAYERS) -> list[str]:
+# The blocks' linears: attention's and the GELU MLP's (dit.training.float8.LAYERS), SwiGLU's two
+# (w12, w3) and cross-attention's q and kv.
+SAMPLING_LAYERS = (*LAYERS, "w12", "w3", "q", "kv")
+
+
+def quantize_for_sampling(model: nn.Module, granularity: str, layers=SAMPLING_LAYERS) -> list[str]:
     """Replace the chosen linears of `model.blocks` by Float8SamplingLinear (and the GELU before a
     replaced fc2 by SigmoidGELU), in place; returns the names of the replaced linears. For sampling
     only: the model's state dict changes (float8 buffers, no parameters)."""
@@ -109,4 +116,9 @@ def quantize_for_sampling(model: nn.Module, granularity: str, layers=LAYERS) -> 
             if child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh":
                 parent.act = SigmoidGELU()
             replaced.append(f"blocks.{name}")
+    if not replaced:
+        raise UsageError(
+            f"float8: no linear of this model's blocks ({', '.join(layers)}) has both dimensions divisible by 16, "
+            "as float8 matmuls need; sample without float8"
+        )
     return replaced

@@ -305,6 +305,8 @@ def parse_args(argv=None):
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {1 if name in counts else 0}, got {value}")
     check_guidance_scale(args.guidance_scale)
+    if args.float8 and args.no_train:
+        raise UsageError("--float8 is the training step's; for the sampler's float8 matmuls use --sampler-float8")
     if args.sampler_float8 and not args.time_sampler:
         raise UsageError("--sampler-float8 is a setting of the sampler's timing: add --time-sampler")
     if args.json and not Path(args.json).resolve().parent.is_dir():

@@ -270,7 +270,7 @@ def check_config(cfg):
         )
     if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 and isinstance(nodes, int):
         batch = OmegaConf.select(cfg, "data.global_batch_size")
-        if isinstance(batch, int) and batch % (devices * nodes):  # else each rank says so, once started
+        if isinstance(batch, int) and nodes > 0 and batch % (devices * nodes):  # else each rank says so, once started
             raise UsageError(
                 f"data.global_batch_size={batch} does not divide over {devices * nodes} devices "
                 f"(trainer.devices={devices}, trainer.num_nodes={nodes}); use a multiple of {devices * nodes}"
@@ -462,6 +462,7 @@ def fit(cfg, out, run_config, summary, lock):
     del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
+    module.check_optimizer()
     module.check_data(datamodule)
     module.run_config = run_config
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -482,7 +483,11 @@ def fit(cfg, out, run_config, summary, lock):
     if not loggers:  # logger=none: the learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    run_id = None
+    # summary.json and the loggers' summaries: what the run is, its compute and its FID (the scaling charts read them)
+    run_summary = RunSummary(out, summary, run_config, overrides)
+    callbacks.append(run_summary)
+    # The Trainer before the manifest: a value it refuses (trainer.devices=abc) leaves the run's record as it was.
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if lock is not None:
         # Before the first step rather than at the first checkpoint, hours later.
         folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
@@ -490,11 +495,7 @@ def fit(cfg, out, run_config, summary, lock):
             check_writable(folder, checkpoint_bytes(summary["params"]))
         manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted)
         module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
-        run_id = manifest["run_id"]
-    # summary.json and the loggers' summaries: what the run is, its compute and its FID (the scaling charts read them)
-    run_summary = RunSummary(out, summary, run_config, overrides, run_id)
-    callbacks.append(run_summary)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        run_summary.static["run_id"] = manifest["run_id"]
     if trainer.is_global_zero:
         # The resolved config as a tree, on the console (print_config) and always in the run folder.
         config_tree(cfg, out / "config_tree.log", show=cfg.get("print_config", True))

@@ -59,6 +59,9 @@ def test_command_line_mistakes(tmp_path, digits_dir, override, message):
         ("trainer.devices=abc", "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
         ("trainer.accelerator=mps", "trainer: `MPSAccelerator` can not run on your system"),
         ("callbacks.ema.multi_avg_fn.decay=1.5", "callbacks.ema.multi_avg_fn: Invalid decay value 1.5 provided."),
+        ("trainer.num_nodes=0", "trainer: `num_nodes` must be a positive integer"),
+        ("module.optimizer.betas=[2,3]", "module.optimizer: Invalid beta parameter at index 0: 2"),  # torch's
+        ("module.optimizer.betas=[0.9]", "module.optimizer: "),
         ("resume=Auto", "resume=Auto: write resume=auto (in lower case)"),
         # no launcher set a node's variables: Lightning would wait for node 1 without end
         (
@@ -81,7 +84,8 @@ def test_config_mistakes(tmp_path, digits_dir, capsys, monkeypatch, override, me
         train.main(cfg)
         return
     one_line_error(train_error(cfg, capsys), message)
-    assert not list(tmp_path.rglob("*.ckpt"))
+    # refused before the run's record: a resume's manifest.json would list a launch that never ran
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "manifest.json").exists()
 
 
 def test_truncated_or_missing_shard(tmp_path, digits_dir, capsys):

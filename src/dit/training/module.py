@@ -91,6 +91,8 @@ class DiTModule(LightningModule):
         sampler.process(self.diffusion_options)
         if float8:
             check_float8(float8, float8_layers)
+        if type(compile) not in (bool, str) or compile not in COMPILE_CHOICES:  # 1 == True: not a mode
+            raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
         check_guidance(sampling["guidance"], sampling.get("guidance_interval", (0.0, 1.0)), "module.sampling")
         self.run_config = None  # the full run config; train.py sets it, checkpoints keep it
         self.run_manifest = None  # the run's id, config hash and code version (train.py), kept in checkpoints
@@ -121,8 +123,6 @@ class DiTModule(LightningModule):
             check_float8_device(self.hparams.float8, self.trainer.strategy.root_device)
             self._float8_layers = convert_blocks_to_float8(self.model, self.hparams.float8, self.hparams.float8_layers)
         compile = self.hparams.compile
-        if type(compile) not in (bool, str) or compile not in COMPILE_CHOICES:  # 1 == True: not a mode
-            raise UsageError(f"module.compile={compile!r}; use one of {', '.join(map(str, COMPILE_CHOICES))}")
         if getattr(self.trainer.strategy, "shards_model", False):
             # Under FSDP the blocks are compiled one by one as they are sharded (configure_model).
             fsdp_compile_mode(compile, self.trainer.strategy.root_device.type)  # a bad mode: one line, now
@@ -170,6 +170,13 @@ class DiTModule(LightningModule):
             extras["modules"] = self.objective_modules
         args = (self.model, self.diffusion, x, t, dict(y=y), torch.randn_like(x))
         return self.objective.losses(*args, extras=extras) if extras else self.objective.losses(*args)
+
+    def check_optimizer(self):
+        """One line for optimizer settings that torch refuses (betas=[2,3], betas=[0.9]), before a run starts."""
+        try:
+            self.optimizer_factory([torch.zeros(1, requires_grad=True)])
+        except (ValueError, TypeError, IndexError) as err:
+            raise UsageError(f"module.optimizer: {err}") from None
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]  # not the frozen pos_embed

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dit.errors import ONE_LINE_ERRORS, USAGE_EXIT_CODE, UsageError
+from dit.errors import ONE_LINE_ERRORS, UsageError, exit_with_one_line
 from dit.models import SIZES, config_name
 from dit.models.flops import describe
 from dit.platform.compat import replace_hydra_subprocess_command
@@ -124,11 +124,6 @@ def pod_run_folder(shared_dir, kind, name):
             "trainer=tpu_v3_pod needs name=<run name>: timestamps differ between hosts, a name gives them one run folder"
         )
     return os.path.join(shared_dir, kind, str(name))
-
-
-def exit_with_one_line(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(USAGE_EXIT_CODE)
 
 
 def has_name(name) -> bool:
@@ -377,8 +372,7 @@ def run_and_report(cfg):
         message = str(cause).strip()
         if "Original Traceback" in message:  # raised in a loader worker: torch wraps it with the worker's trace
             message = message.splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
+        exit_with_one_line(message)
 
 
 CPU_THREADS = {}  # (setting, processes): the choice, made once per process

@@ -37,6 +37,12 @@ def number(key: str, value) -> float:
         raise UsageError(f"{key}={value!r}; give a number") from None
 
 
+def exit_with_one_line(message) -> None:
+    """The end of a command refused for bad input: `error: <message>` on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
 def exit_on_usage_error(main):
     """Run a tool's `main()`; a usage error ends it with one line on stderr. Output piped into a
     reader that stops early (`| head`) ends it quietly, as the Python docs advise for SIGPIPE
@@ -46,8 +52,7 @@ def exit_on_usage_error(main):
         sys.stdout.flush()  # a closed pipe shows here at the latest, inside the try
         return result
     except ONE_LINE_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
+        exit_with_one_line(err)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

@@ -40,18 +40,19 @@ def check_float8(recipe, layers) -> None:
         ) from None
 
 
-def check_float8_device(recipe, device: torch.device) -> None:
-    """One line for a device that cannot run the recipe."""
+def check_float8_device(recipe, device: torch.device, setting: str | None = None, fix: str | None = None) -> None:
+    """One line for a device that cannot run the recipe (tensorwise, rowwise, ...): `setting`
+    names what asked for it (default module.float8=<recipe>), `fix` what to do instead."""
+    setting = setting or f"module.float8={recipe}"
+    fix = fix or "set module.float8=null"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise UsageError(
-            f"module.float8={recipe} needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
-            f"{torch.cuda.get_device_name(device)} has none: set module.float8=null"
+            f"{setting} needs float8 matmuls (compute capability 8.9+: Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(device)} has none: {fix}"
         )
     # torch's CPU float8 matmul takes one scale per tensor only (torch 2.9); the CPU is for tests.
     if device.type not in ("cuda", "cpu") or (device.type == "cpu" and recipe != "tensorwise"):
-        raise UsageError(
-            f"module.float8={recipe} runs on CUDA GPUs (tensorwise also on the CPU); set module.float8=null"
-        )
+        raise UsageError(f"{setting} runs on CUDA GPUs (tensorwise also on the CPU); {fix}")
 
 
 def is_float8_layer(module: nn.Module, name: str, layers) -> bool:

@@ -16,7 +16,8 @@ the blocks are not the identity):
 - fp8-fused-<rowwise|tensorwise>[:layer,layer]: the four layers (or those listed) through
   dit.models.float8_sampling (the sampler's --float8): weights quantised once, each input's scale
   computed by plain tensor operations that torch.compile fuses into the kernel producing the input;
-  the MLP's GELU in its sigmoid form when fc2 is quantised; `-tanh` after the granularity keeps nn.GELU
+  the GELU fused into fc2's input quantisation (rowwise: by a Triton kernel; `rowwise-inductor`
+  by torch.compile's kernels instead)
 - bf16-sigmoid-gelu: bf16 autocast with the MLP's GELU in its sigmoid form (the same function)
 
 `--profile N` also prints each variant's N largest GPU kernels over 3 forwards (torch.profiler).
@@ -31,7 +32,7 @@ import time
 import torch
 
 from dit.models import DiT
-from dit.models.float8_sampling import SigmoidGELU, quantize_for_sampling
+from dit.models.float8_sampling import Float8SamplingLinear, SigmoidGELU, quantize_for_sampling
 from dit.tools.benchmark import model_kwargs
 from dit.training.float8 import LAYERS, convert_blocks_to_float8, is_float8_layer
 
@@ -126,10 +127,10 @@ def time_variant(variant, base, x, t, y, reference, reps, profile=0):
             block.mlp.act = SigmoidGELU()
     elif variant.startswith("fp8-fused-"):
         granularity, _, layers = variant.removeprefix("fp8-fused-").partition(":")
-        quantize_for_sampling(model, granularity.removesuffix("-tanh"), layers.split(",") if layers else LAYERS)
-        if granularity.endswith("-tanh"):
-            for block in model.blocks:
-                block.mlp.act = torch.nn.GELU(approximate="tanh")
+        quantize_for_sampling(model, granularity.removesuffix("-inductor"), layers.split(",") if layers else LAYERS)
+        for module in model.modules():
+            if isinstance(module, Float8SamplingLinear):
+                module.triton_kernel = not granularity.endswith("-inductor")
     model = torch.compile(model.to(x.device))
     start = time.perf_counter()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

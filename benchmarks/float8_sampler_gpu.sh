@@ -11,7 +11,7 @@ OUT=${1:?usage: bash benchmarks/float8_sampler_gpu.sh OUT_DIR}; mkdir -p "$OUT"
 PY=$(command -v "${PYTHON:-python}")
 PARTS=${PARTS:-"forward sampler interval"}
 SAMPLER="-m dit.benchmark --model DiT-XL/2 --no-train --time-sampler --sample-batch-size 64 --guidance-scale 1.5"
-VARIANTS=${VARIANTS:-"bf16-autocast bf16-sigmoid-gelu fp8-fused-rowwise fp8-fused-tensorwise fp8-fused-rowwise-tanh fp8-fused-rowwise:qkv,proj,fc1"}
+VARIANTS=${VARIANTS:-"bf16-autocast bf16-sigmoid-gelu fp8-fused-rowwise fp8-fused-rowwise-inductor fp8-fused-tensorwise fp8-fused-rowwise:qkv,proj,fc1"}
 # The kernel tables go to OUT/forward.txt, the figures to the terminal too.
 [[ $PARTS == *forward* ]] && $PY benchmarks/float8_sampler.py --batch-size 64 --profile ${PROFILE_TOP:-12} \
   --variants $VARIANTS | tee "$OUT/forward.txt" | grep -E "images/s|failed|forward of"

@@ -10,9 +10,10 @@ linear's).
 
 The quantised fc2 takes the GELU's output, whose scales need it over a whole row (or tensor)
 before the cast: torch.compile's kernel computes the GELU once for the absolute maximum and again
-for the cast. In the tanh form that kernel is bound by the tanh's arithmetic, so the MLP's GELU
-is swapped for `SigmoidGELU`, the same function in the form x·σ(2u), which compiles to the GPU's
-fast exponential (on an H200: 4.56 against 4.32 images/s for the rowwise sampler, docs/benchmarks.md §4).
+for the cast. So a quantised fc2 takes the GELU over (the MLP's `act` becomes the identity): on a
+CUDA GPU, rowwise, one Triton kernel computes GELU, scale and cast in one pass over the row
+(dit.models.float8_kernels); elsewhere, and tensorwise, tensor operations do, with the GELU as
+`SigmoidGELU`, the same function in the form x·σ(2u), which compiles to the GPU's fast exponential.
 
 Granularity: "rowwise" keeps one scale for each input row (token) and each weight row (output
 channel); "tensorwise" one for each tensor. torch's CPU float8 matmul takes tensorwise scales only
@@ -54,11 +55,15 @@ class SigmoidGELU(nn.Module):
 
 
 class Float8SamplingLinear(nn.Module):
-    """`linear`'s function with an e4m3 weight: y = (x_q · s_x) (W_q · s_W)ᵀ + b, in bf16."""
+    """`linear`'s function with an e4m3 weight: y = (x_q · s_x) (W_q · s_W)ᵀ + b, in bf16; with
+    `gelu_input`, of GELU(x) (the GELU before the MLP's fc2, fused into the input's quantisation)."""
 
-    def __init__(self, linear: nn.Linear, granularity: str):
+    triton_kernel = True  # False: tensor operations on GPUs too (benchmarks/float8_sampler.py compares)
+
+    def __init__(self, linear: nn.Linear, granularity: str, gelu_input: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.granularity = linear.in_features, linear.out_features, granularity
+        self.gelu = SigmoidGELU() if gelu_input else None
         weight, scale = quantize(linear.weight.detach(), granularity)
         self.register_buffer("weight", weight)  # (out, in), row-major: .t() is the column-major operand
         # _scaled_mm takes the second operand's scales as (1, out) for rowwise.
@@ -69,9 +74,18 @@ class Float8SamplingLinear(nn.Module):
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, granularity={self.granularity}"
 
+    def quantize_input(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gelu is None:
+            return quantize(rows, self.granularity)
+        if rows.is_cuda and self.granularity == "rowwise" and self.triton_kernel:
+            from dit.models.float8_kernels import gelu_quantize_rows
+
+            return gelu_quantize_rows(rows)
+        return quantize(self.gelu(rows.float()), self.granularity)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize(rows, self.granularity)
+        x_q, x_scale = self.quantize_input(rows)
         out = torch._scaled_mm(
             x_q,
             self.weight.t(),
@@ -96,18 +110,19 @@ SAMPLING_LAYERS = (*LAYERS, "w12", "w3", "q", "kv")
 
 
 def quantize_for_sampling(model: nn.Module, granularity: str, layers=SAMPLING_LAYERS) -> list[str]:
-    """Replace the chosen linears of `model.blocks` by Float8SamplingLinear (and the GELU before a
-    replaced fc2 by SigmoidGELU), in place; returns the names of the replaced linears. For sampling
+    """Replace the chosen linears of `model.blocks` by Float8SamplingLinear, in place (a replaced
+    fc2 takes over the tanh GELU before it); returns the names of the replaced linears. For sampling
     only: the model's state dict changes (float8 buffers, no parameters)."""
     replaced = []
     for name, module in list(model.blocks.named_modules()):
         if is_float8_layer(module, name, layers):
             parent_name, _, child = name.rpartition(".")
             parent = model.blocks.get_submodule(parent_name) if parent_name else model.blocks
-            setattr(parent, child, Float8SamplingLinear(module, granularity).to(module.weight.device))
             act = getattr(parent, "act", None)
-            if child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh":
-                parent.act = SigmoidGELU()
+            gelu_input = child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh"
+            setattr(parent, child, Float8SamplingLinear(module, granularity, gelu_input).to(module.weight.device))
+            if gelu_input:
+                parent.act = nn.Identity()
             replaced.append(f"blocks.{name}")
     if not replaced:
         raise UsageError(

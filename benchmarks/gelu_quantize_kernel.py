@@ -1,0 +1,64 @@
+"""The float8 sampler's GELU + rowwise quantisation before fc2, alone, at DiT-XL's shape
+(docs/benchmarks.md §4): 32,768 rows (a guided batch of 64 at 256 tokens) of 4,608 bf16.
+
+    python benchmarks/gelu_quantize_kernel.py [--rows 32768 --cols 4608]
+
+Prints µs a call (triton.testing.do_bench) for the compiled bf16 tanh GELU (what bf16 sampling runs),
+torch.compile's GELU → row maximum → cast, and the Triton kernel `dit::gelu_quantize_rows` at each
+launch in LAUNCHES (rows a program, warps a program), each checked against the tensor operations:
+the same scales, every value within one e4m3 step, and the share of values that differ.
+"""
+
+import argparse
+
+import torch
+import triton
+
+from dit.models import float8_kernels
+from dit.models.float8_sampling import SigmoidGELU, quantize
+
+LAUNCHES = ((1, 2), (1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (4, 16), (8, 16))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=32768)
+    parser.add_argument("--cols", type=int, default=4608)
+    args = parser.parse_args()
+    x = (torch.randn(args.rows, args.cols, device="cuda") * 3).to(torch.bfloat16)
+    ref_q, ref_scale = quantize(SigmoidGELU()(x.float()), "rowwise")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {args.rows} x {args.cols}"
+    )
+
+    def time_us(fn):
+        return triton.testing.do_bench(fn, warmup=50, rep=300) * 1e3
+
+    gelu = torch.compile(lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
+    us = time_us(lambda: gelu(x))
+    print(f"{'bf16 tanh GELU, compiled':34s} {us:7.1f} µs  {x.numel() * 4 / us / 1e6:.2f} TB/s (4 bytes an element)")
+
+    def report(name, fn):
+        q, scale = fn()
+        same_scales = torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+        distance = (q.float() - ref_q.float()).abs()
+        within_a_step = bool(distance.le(ref_q.float().abs() / 8 + 2**-9).all())
+        us = time_us(fn)
+        print(
+            f"{name:34s} {us:7.1f} µs  {x.numel() * 3 / us / 1e6:.2f} TB/s (3 bytes an element); same scales "
+            f"{same_scales}, within one e4m3 step {within_a_step}, values differing {(distance > 0).float().mean():.1e}",
+            flush=True,
+        )
+
+    compiled = torch.compile(lambda x: quantize(SigmoidGELU()(x.float()), "rowwise"))
+    report("torch.compile GELU → max → cast", lambda: compiled(x))
+    as_shipped = float8_kernels.LAUNCH
+    for launch in LAUNCHES:
+        float8_kernels.LAUNCH = launch
+        mark = " (as shipped)" if launch == as_shipped else ""
+        report(f"Triton, {launch[0]} row(s), {launch[1]} warps{mark}", lambda: float8_kernels.gelu_quantize_rows(x))
+    float8_kernels.LAUNCH = as_shipped
+
+
+if __name__ == "__main__":
+    main()

@@ -5,8 +5,10 @@
 
 Prints µs a call (triton.testing.do_bench) for the compiled bf16 tanh GELU (what bf16 sampling runs),
 torch.compile's GELU → row maximum → cast, and the Triton kernel `dit::gelu_quantize_rows` at each
-launch in LAUNCHES (rows a program, warps a program), each checked against the tensor operations:
-the same scales, every value within one e4m3 step, and the share of values that differ.
+launch in LAUNCHES (dit.models.float8_kernels.LAUNCH: rows a program, warps a program, the row split
+into two power-of-two tiles, the GELU's form), each checked against the tensor operations: the same
+scales (relative 1e-5), every value within one e4m3 step, and the share of values that differ (< 1e-3).
+`--best FILE` writes the fastest launch that passes the checks.
 """
 
 import argparse
@@ -17,13 +19,19 @@ import triton
 from dit.models import float8_kernels
 from dit.models.float8_sampling import SigmoidGELU, quantize
 
-LAUNCHES = ((1, 2), (1, 4), (1, 8), (1, 16), (1, 32), (2, 4), (2, 8), (2, 16), (4, 16), (8, 16))
+LAUNCHES = tuple(
+    (rows, warps, split, form)
+    for form in (0, 1, 2)
+    for split in (False, True)
+    for rows, warps in ((1, 4), (1, 8), (1, 16), (2, 8))
+)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=32768)
     parser.add_argument("--cols", type=int, default=4608)
+    parser.add_argument("--best", help="write the fastest launch that passes the checks to this file")
     args = parser.parse_args()
     x = (torch.randn(args.rows, args.cols, device="cuda") * 3).to(torch.bfloat16)
     ref_q, ref_scale = quantize(SigmoidGELU()(x.float()), "rowwise")
@@ -40,24 +48,35 @@ def main():
 
     def report(name, fn):
         q, scale = fn()
-        same_scales = torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+        same_scales = torch.allclose(scale, ref_scale, rtol=1e-5, atol=0)
         distance = (q.float() - ref_q.float()).abs()
         within_a_step = bool(distance.le(ref_q.float().abs() / 8 + 2**-9).all())
+        differing = (distance > 0).float().mean().item()
         us = time_us(fn)
         print(
-            f"{name:34s} {us:7.1f} µs  {x.numel() * 3 / us / 1e6:.2f} TB/s (3 bytes an element); same scales "
-            f"{same_scales}, within one e4m3 step {within_a_step}, values differing {(distance > 0).float().mean():.1e}",
+            f"{name:44s} {us:7.1f} µs  {x.numel() * 3 / us / 1e6:.2f} TB/s (3 bytes an element); same scales "
+            f"{same_scales}, within one e4m3 step {within_a_step}, values differing {differing:.1e}",
             flush=True,
         )
+        return us if same_scales and within_a_step and differing < 1e-3 else float("inf")
 
     compiled = torch.compile(lambda x: quantize(SigmoidGELU()(x.float()), "rowwise"))
     report("torch.compile GELU → max → cast", lambda: compiled(x))
-    as_shipped = float8_kernels.LAUNCH
+    as_shipped, times = float8_kernels.LAUNCH, {}
     for launch in LAUNCHES:
         float8_kernels.LAUNCH = launch
-        mark = " (as shipped)" if launch == as_shipped else ""
-        report(f"Triton, {launch[0]} row(s), {launch[1]} warps{mark}", lambda: float8_kernels.gelu_quantize_rows(x))
+        rows, warps, split, form = launch
+        name = f"Triton {launch}{' (as shipped)' if launch == as_shipped else ''}"
+        try:
+            times[launch] = report(name, lambda: float8_kernels.gelu_quantize_rows(x))
+        except Exception as e:  # one launch's failure must not lose the others' figures
+            print(f"{name:44s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
     float8_kernels.LAUNCH = as_shipped
+    best = min(times, key=times.get)
+    print(f"fastest that passes the checks: {best}, {times[best]:.1f} µs")
+    if args.best:
+        with open(args.best, "w") as f:
+            f.write(repr(best))
 
 
 if __name__ == "__main__":

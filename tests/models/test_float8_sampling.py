@@ -132,7 +132,7 @@ def test_the_triton_kernel_quantises_as_the_tensor_operations_do():
     q, scale = gelu_quantize_rows(x)
     ref_q, ref_scale = quantize(SigmoidGELU()(x.float()), "rowwise")
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (4096, 1)
-    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    assert torch.allclose(scale, ref_scale, rtol=1e-5, atol=0)
     value, ref_value = q.float(), ref_q.float()
     assert (value - ref_value).abs().le(ref_value.abs() / 8 + 2**-9).all()  # at most one e4m3 step
     assert (value != ref_value).float().mean() < 1e-3 and torch.all(value[7] == 0)

@@ -123,8 +123,8 @@ def test_devices_that_cannot_run_are_one_line():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA GPUs")
 def test_the_triton_kernel_quantises_as_the_tensor_operations_do():
     """dit::gelu_quantize_rows against quantize(SigmoidGELU(x), "rowwise"), at DiT-XL's MLP width:
-    the same scales, and each value the same e4m3 number or its neighbour (the two compute the GELU
-    in other instruction orders, which can round differently at a boundary)."""
+    the same scales, and each value the same e4m3 number or its neighbour (the kernel's exp2 and
+    reciprocal are the GPU's approximate ones, which can round differently at a boundary)."""
     from dit.models.float8_kernels import gelu_quantize_rows
 
     x = (torch.randn(4096, 4608, device="cuda") * 3).to(torch.bfloat16)
@@ -136,3 +136,29 @@ def test_the_triton_kernel_quantises_as_the_tensor_operations_do():
     value, ref_value = q.float(), ref_q.float()
     assert (value - ref_value).abs().le(ref_value.abs() / 8 + 2**-9).all()  # at most one e4m3 step
     assert (value != ref_value).float().mean() < 1e-3 and torch.all(value[7] == 0)
+
+
+def test_the_triton_kernel_builds_for_hopper_as_its_comments_say():
+    """Compiled ahead of time for sm90 (no GPU needed: Triton's own ptxas): the saturating e4m3 cast
+    that stands in for the clamp, the approximate exp2 and reciprocal, and 16-byte loads of the row
+    (n_cols divisible by 16, as Triton specialises it at launch for DiT's widths). Checked with
+    Triton 3.5.1's triton.compile / ASTSource / GPUTarget."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dit.models import float8_kernels
+
+    kernel = float8_kernels._gelu_quantize_rows_kernel
+    types = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32"}
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    aligned = {
+        (kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "q_ptr", "scale_ptr", "n_cols")
+    }
+    source = ASTSource(kernel, signature=signature, constexprs={"ROWS": 1, "BLOCK": 8192}, attrs=aligned)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    per_thread = 8192 // (8 * 32)  # a row's padded lanes over 8 warps of 32 threads
+    assert ptx.count("ex2.approx.ftz.f32") == ptx.count("rcp.approx.ftz.f32") == per_thread
+    assert ptx.count("div.full.f32") <= 2  # a row's scale and its reciprocal, not an element's
+    assert "ld.global.v4.b32" in ptx and "ld.global.b16" not in ptx

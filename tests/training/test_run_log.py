@@ -3,6 +3,7 @@ what the run printed and what Lightning logged (dit.training.run_log)."""
 
 import io
 import logging
+import os
 import sys
 
 from conftest import quick_cfg
@@ -29,6 +30,23 @@ def test_a_log_copy_keeps_printed_lines_and_leaves_progress_bars_on_the_console(
     assert console.getvalue() == "".join(written)
     assert file.getvalue() == "bold and more\nstep 3: FID 4.2\nwindows line\n"
     assert copy.writable() and copy.getvalue() == console.getvalue()  # the rest is the console's own
+
+
+def test_a_console_closed_under_the_run_goes_to_devnull_and_the_log_keeps_every_line():
+    """`train.py | head`: the reader stops, the pipe breaks; the run must go on training."""
+    read_end, write_end = os.pipe()
+    console = io.TextIOWrapper(os.fdopen(write_end, "wb"), line_buffering=True)
+    file = io.StringIO()
+    copy = LogCopy(console, file)
+    copy.write("first line\n")
+    assert os.read(read_end, 100) == b"first line\n"
+    os.close(read_end)  # the reader stops
+    copy.write("second line\n")  # the pipe breaks here: no BrokenPipeError reaches the run
+    copy.write("third line\n")
+    copy.flush()
+    assert file.getvalue() == "first line\nsecond line\nthird line\n"
+    assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # the descriptor, too
+    console.close()
 
 
 def test_the_config_tree_is_resolved_plain_text_with_a_branch_per_section(tmp_path):

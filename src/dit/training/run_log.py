@@ -60,7 +60,7 @@ class LogCopy(io.TextIOBase):
         self.stream, self.file, self.line, self.redraw = stream, file, "", False
 
     def write(self, text):
-        self.stream.write(text)
+        self.to_console(self.stream.write, text)
         if self.file.closed:  # kept by an object after the run let go of the console
             return len(text)
         for piece in re.split(r"(\n)", text.replace("\r\n", "\n")):
@@ -78,7 +78,21 @@ class LogCopy(io.TextIOBase):
         return len(text)
 
     def flush(self):
-        self.stream.flush()
+        self.to_console(self.stream.flush)
+
+    def to_console(self, call, *args):
+        """A console closed under the run (`train.py | head`: the reader stopped) must not end it:
+        from then on the console's output goes to devnull, file descriptor included (Lightning's
+        and child processes' writes), and the log file still gets every line."""
+        try:
+            call(*args)
+        except BrokenPipeError:
+            devnull = open(os.devnull, "w")
+            try:
+                os.dup2(devnull.fileno(), self.stream.fileno())
+            except (OSError, ValueError):  # a stream with no descriptor of its own
+                pass
+            self.stream = devnull
 
     def writable(self):
         return True

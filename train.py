@@ -574,6 +574,26 @@ def quote_values_with_equals(argv):
     return quoted
 
 
+NAME_KEY = re.compile(r"\+{0,2}name")
+PLAIN_NAME = re.compile(r"[\w.+-]+")
+
+
+def quote_run_names(argv):
+    """`name=1.50` as typed. Hydra reads an unquoted value as a number or a bool when it looks like
+    one, and the run folder would be outputs/1.5 (`name=1_000`: outputs/1000, the folder of
+    name=1000; `name=true`: outputs/True). Each plain name is quoted, a sweep's too
+    (`name=1.0,2.0`); null, a quoted value and a sweep function (`choice(...)`) stay as written."""
+    quoted = []
+    for i, arg in enumerate(argv):
+        key, sep, value = arg.partition("=")
+        after_flag = i > 0 and argv[i - 1] in FLAGS_WITH_A_VALUE
+        names = value.split(",")
+        if sep and NAME_KEY.fullmatch(key) and not after_flag and all(PLAIN_NAME.fullmatch(n) for n in names):
+            arg = key + "=" + ",".join(n if n == "null" else f"'{n}'" for n in names)
+        quoted.append(arg)
+    return quoted
+
+
 if __name__ == "__main__":
-    sys.argv = quote_values_with_equals(sys.argv)
+    sys.argv = quote_run_names(quote_values_with_equals(sys.argv))
     main()

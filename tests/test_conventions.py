@@ -91,6 +91,29 @@ def test_a_number_names_a_run_as_a_word_does(tmp_path):
     assert train.has_name(0) and train.has_name("abc") and not train.has_name(None) and not train.has_name("")
 
 
+def test_a_name_that_looks_like_a_number_names_the_folder_as_typed():
+    """Hydra reads name=1.50 as the float 1.5 (outputs/1.5), name=true as True, name=1_000 as 1000
+    (the folder of name=1000); train.py quotes a plain name so its folder is the name as typed."""
+    argv = ["train.py", "name=1.50", "-m", "name=1.0,2.0", "++name=1e3", "name=null", "name='x'", "name=choice(a,b)"]
+    assert train.quote_run_names(argv) == [
+        "train.py",
+        "name='1.50'",
+        "-m",
+        "name='1.0','2.0'",
+        "++name='1e3'",
+        "name=null",
+        "name='x'",
+        "name=choice(a,b)",
+    ]
+    assert train.quote_run_names(["-cn", "name=7"]) == ["-cn", "name=7"]  # a flag's value
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for typed, folder in (("1.50", "1.50"), ("1e3", "1e3"), ("true", "true"), ("1_000", "1_000"), ("007", "007")):
+            (override,) = train.quote_run_names([f"name={typed}"])
+            cfg = compose("train", overrides=[override], return_hydra_config=True)
+            assert cfg.hydra.run.dir == f"outputs/{folder}" and cfg.name == typed
+
+
 def test_a_local_override_file_applies_and_git_ignores_it(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)

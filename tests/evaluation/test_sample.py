@@ -214,6 +214,10 @@ def test_a_sample_folder_is_resumed_only_by_what_drew_it(tiny_run, tmp_path, cap
     (out / "000003.png").unlink()
     sample_main([str(ema), str(out), *common])  # the same weights from the export: resumed
     assert np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
+    capsys.readouterr()
+    sample_main([str(ema), str(out), *cpu_ddim5(2, 2)])  # fewer: the first two, and a note of the rest
+    assert np.array_equal(np.load(f"{out}.npz")["arr_0"], first[:2])
+    assert "also holds 2 PNGs from 000002.png on, drawn for a larger --num-samples" in capsys.readouterr().out
     sample_main([str(live), str(out), *common, "--overwrite"])
     assert not np.array_equal(np.load(f"{out}.npz")["arr_0"], first)
     with pytest.raises(SystemExit):

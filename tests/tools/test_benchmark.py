@@ -133,6 +133,7 @@ def test_benchmark_under_ddp_on_one_device(tmp_path):
         (["--batch-size", "-2"], "--batch-size must be at least 0, got -2"),
         (["--guidance-scale", "nan"], "--guidance-scale must be a number of at least 0 (1: no guidance), got nan"),
         (["--json", "no/such/folder/x.json"], "the folder no/such/folder does not exist"),
+        (["--json", __file__], "exists (an earlier run's figures?): give a new path, or delete it"),
         (
             ["--sampler-float8", "tensorwise"],
             "--sampler-float8 is a setting of the sampler's timing: add --time-sampler",

@@ -311,6 +311,8 @@ def parse_args(argv=None):
         raise UsageError("--sampler-float8 is a setting of the sampler's timing: add --time-sampler")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    if args.json and Path(args.json).exists():  # an earlier run's figures: never written over
+        raise UsageError(f"--json {args.json} exists (an earlier run's figures?): give a new path, or delete it")
     return args
 
 

@@ -398,7 +398,7 @@ def train(cfg):
     global LAUNCH_CONFIG
     check_config(cfg)  # before anything reads the values it checks
     set_cpu_threads(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the config tree and the manifest
     with torch.device("meta"):
         summary = describe(instantiate(cfg.model))
     if rank_zero_only.rank == 0:

@@ -20,6 +20,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -44,7 +45,7 @@ from dit.training.checkpoints import (
 from dit.training.fsdp import FSDP, fsdp_compile_mode
 from dit.training.manifest import changed_keys, differences, digest, fixed, read_manifest, run_identity
 from dit.training.run_folder import RunLock, check_writable, checkpoint_bytes, sweep_job_folder, write_run_manifest
-from dit.training.run_log import RunLog, config_tree, log_file_path
+from dit.training.run_log import RunLog, config_tree, guard_console, log_file_path
 from dit.training.run_summary import SUMMARY_FILE, RunSummary
 
 
@@ -408,6 +409,14 @@ def train(cfg):
         )
     if cfg.resume == "auto" and not has_name(cfg.name):
         raise UsageError("resume=auto continues the run in outputs/<name>: give the run a name (name=...)")
+    if cfg.resume == "auto" and not list(Path(cfg.output_dir).glob("checkpoints/*.ckpt")):
+        read_as = folder_of_the_name_as_hydra_read_it(cfg)
+        if read_as is not None and list(read_as.glob("checkpoints/*.ckpt")):
+            raise UsageError(
+                f"resume=auto: {cfg.output_dir} holds no checkpoint, but {read_as} does: the folder name={cfg.name} "
+                f"got when Hydra read the name as {read_as.name}; to continue that run, move it "
+                f"(mv {read_as} {cfg.output_dir}) or give name={read_as.name}"
+            )
     out = Path(cfg.output_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     lock = RunLock(out) if owns_run_folder(cfg) else None
@@ -575,25 +584,48 @@ def quote_values_with_equals(argv):
 
 
 NAME_KEY = re.compile(r"\+{0,2}name")
-PLAIN_NAME = re.compile(r"[\w.+-]+")
+GRAMMAR = re.compile(r"[()\[\]{}]|\$\{")  # a sweep function, a list, an interpolation: left as written
 
 
 def quote_run_names(argv):
     """`name=1.50` as typed. Hydra reads an unquoted value as a number or a bool when it looks like
     one, and the run folder would be outputs/1.5 (`name=1_000`: outputs/1000, the folder of
-    name=1000; `name=true`: outputs/True). Each plain name is quoted, a sweep's too
-    (`name=1.0,2.0`); null, a quoted value and a sweep function (`choice(...)`) stay as written."""
+    name=1000; `name=true`: outputs/True). Each name of a plain value or a sweep (`name=1.0,2.0`) is
+    quoted; null (as Hydra reads it, in any case), a quoted name, a sweep function (`choice(...)`)
+    and an interpolation stay as written."""
     quoted = []
     for i, arg in enumerate(argv):
         key, sep, value = arg.partition("=")
         after_flag = i > 0 and argv[i - 1] in FLAGS_WITH_A_VALUE
-        names = value.split(",")
-        if sep and NAME_KEY.fullmatch(key) and not after_flag and all(PLAIN_NAME.fullmatch(n) for n in names):
-            arg = key + "=" + ",".join(n if n == "null" else f"'{n}'" for n in names)
+        if sep and NAME_KEY.fullmatch(key) and not after_flag and not GRAMMAR.search(value):
+            arg = key + "=" + ",".join(map(quoted_name, value.split(",")))
         quoted.append(arg)
     return quoted
 
 
+def quoted_name(item):
+    """One name of `name=`, quoted; as written if empty, null, or holding a quote or a backslash
+    (Hydra's own escapes: the user's to write)."""
+    name = item.strip()
+    if not name or name.lower() == "null" or any(c in name for c in "'\"\\"):
+        return item
+    return f"'{name}'"
+
+
+def folder_of_the_name_as_hydra_read_it(cfg) -> Path | None:
+    """The run folder that `name=<cfg.name>` got when Hydra read the name as a number or a bool
+    (outputs/2.5 for name=2.50), if it differs from this run's; None otherwise."""
+    if not isinstance(cfg.name, str) or HydraConfig.get().mode == RunMode.MULTIRUN:
+        return None
+    try:
+        value = OverridesParser.create().parse_override(f"name={cfg.name}").value()
+    except Exception:  # not an override Hydra parses unquoted: it never had another folder
+        return None
+    folder = Path(cfg.output_dir).parent / str(value)
+    return None if isinstance(value, str) or folder == Path(cfg.output_dir) else folder
+
+
 if __name__ == "__main__":
+    guard_console()  # `train.py | head`: the run goes on when the reader stops
     sys.argv = quote_run_names(quote_values_with_equals(sys.argv))
     main()

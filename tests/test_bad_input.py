@@ -290,3 +290,21 @@ def test_a_folder_of_another_run_without_checkpoints_is_not_taken_over(tmp_path,
     error = train_error(compose_cfg([*no_checkpoints, "module.optimizer.lr=5e-4"], out), capsys)
     one_line_error(error, f"{out} holds an earlier run of other settings that saved no checkpoint", "another name=")
     assert (out / "manifest.json").read_text() == record
+
+
+def test_resume_auto_points_to_the_folder_hydra_gave_a_number_like_name(tmp_path, digits_dir, capsys):
+    """name=2.50 once made the folder 2.5 (Hydra read the number); resume=auto on name=2.50 says where
+    that run is instead of starting a fresh one beside it."""
+    from conftest import compose_cfg
+
+    old = tmp_path / "outputs" / "2.5" / "checkpoints"
+    old.mkdir(parents=True)
+    (old / "last.ckpt").write_bytes(b"a checkpoint")
+    cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "logger=none", "name='2.50'", "resume=auto"], tmp_path)
+    cfg.output_dir = str(tmp_path / "outputs" / "2.50")
+    one_line_error(
+        train_error(cfg, capsys),
+        f"resume=auto: {tmp_path}/outputs/2.50 holds no checkpoint, but {old.parent} does",
+        f"(mv {old.parent} {tmp_path}/outputs/2.50) or give name=2.5",
+    )
+    assert (old / "last.ckpt").read_bytes() == b"a checkpoint"

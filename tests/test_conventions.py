@@ -94,14 +94,14 @@ def test_a_number_names_a_run_as_a_word_does(tmp_path):
 def test_a_name_that_looks_like_a_number_names_the_folder_as_typed():
     """Hydra reads name=1.50 as the float 1.5 (outputs/1.5), name=true as True, name=1_000 as 1000
     (the folder of name=1000); train.py quotes a plain name so its folder is the name as typed."""
-    argv = ["train.py", "name=1.50", "-m", "name=1.0,2.0", "++name=1e3", "name=null", "name='x'", "name=choice(a,b)"]
+    argv = ["train.py", "name=1.50", "-m", "name=1.0,x/y", "++name=1e3 ", "name=NULL", "name='x'", "name=choice(a,b)"]
     assert train.quote_run_names(argv) == [
         "train.py",
         "name='1.50'",
         "-m",
-        "name='1.0','2.0'",
+        "name='1.0','x/y'",  # each name of a sweep, whatever the others are
         "++name='1e3'",
-        "name=null",
+        "name=NULL",  # Hydra's null in any case
         "name='x'",
         "name=choice(a,b)",
     ]

@@ -9,7 +9,7 @@ import sys
 from conftest import quick_cfg
 from omegaconf import OmegaConf
 
-from dit.training.run_log import LogCopy, RunLog, config_tree
+from dit.training.run_log import ConsoleGuard, LogCopy, RunLog, config_tree, guard_console
 
 
 def test_a_log_copy_keeps_printed_lines_and_leaves_progress_bars_on_the_console():
@@ -32,21 +32,34 @@ def test_a_log_copy_keeps_printed_lines_and_leaves_progress_bars_on_the_console(
     assert copy.writable() and copy.getvalue() == console.getvalue()  # the rest is the console's own
 
 
-def test_a_console_closed_under_the_run_goes_to_devnull_and_the_log_keeps_every_line():
-    """`train.py | head`: the reader stops, the pipe breaks; the run must go on training."""
+def test_a_console_closed_under_the_run_goes_to_devnull_and_the_log_keeps_every_line(monkeypatch, capfd):
+    """`train.py | head`: the reader stops, the pipe breaks; the run must go on training. What a run
+    prints (a LogCopy over the guard) and what a logging handler made before (Lightning's) writes."""
     read_end, write_end = os.pipe()
     console = io.TextIOWrapper(os.fdopen(write_end, "wb"), line_buffering=True)
-    file = io.StringIO()
-    copy = LogCopy(console, file)
-    copy.write("first line\n")
-    assert os.read(read_end, 100) == b"first line\n"
-    os.close(read_end)  # the reader stops
-    copy.write("second line\n")  # the pipe breaks here: no BrokenPipeError reaches the run
-    copy.write("third line\n")
-    copy.flush()
-    assert file.getvalue() == "first line\nsecond line\nthird line\n"
-    assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # the descriptor, too
-    console.close()
+    monkeypatch.setattr(sys, "stdout", console)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # restored after guard_console replaces it
+    logger = logging.getLogger("a_library")
+    handler = logging.StreamHandler(console)
+    logger.addHandler(handler)
+    try:
+        guard_console()
+        assert isinstance(sys.stdout, ConsoleGuard) and handler.stream is sys.stdout
+        file = io.StringIO()
+        copy = LogCopy(sys.stdout, file)
+        copy.write("first line\n")
+        assert os.read(read_end, 100) == b"first line\n"
+        os.close(read_end)  # the reader stops
+        copy.write("second line\n")  # the pipe breaks here: no BrokenPipeError reaches the run
+        logger.warning("a library's message")  # nor a "--- Logging error ---" report
+        copy.write("third line\n")
+        copy.flush()
+        assert file.getvalue() == "first line\nsecond line\nthird line\n"
+        assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)  # the descriptor, too
+        assert "Logging error" not in capfd.readouterr().err
+    finally:
+        logger.removeHandler(handler)
+        console.close()
 
 
 def test_the_config_tree_is_resolved_plain_text_with_a_branch_per_section(tmp_path):

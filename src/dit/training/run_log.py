@@ -50,17 +50,66 @@ def config_tree(cfg: DictConfig, path: Path | None = None, show: bool = True) ->
     return tree
 
 
-class LogCopy(io.TextIOBase):
+class ConsoleGuard(io.TextIOBase):
+    """A run's stdout or stderr whose reader may go away (`train.py | head`: the pipe breaks). A closed
+    console must not end the run: from the first broken write on, output goes to devnull, file
+    descriptor included (child processes' writes), and the run's log file still gets every line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            self.stream.write(text)
+        except BrokenPipeError:
+            self.to_devnull()
+        return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.to_devnull()
+
+    def to_devnull(self):
+        devnull = open(os.devnull, "w")
+        try:
+            os.dup2(devnull.fileno(), self.stream.fileno())
+        except (OSError, ValueError):  # a stream with no descriptor of its own
+            pass
+        self.stream = devnull
+
+    def writable(self):
+        return True
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def __getattr__(self, name):
+        if name == "stream":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+class LogCopy(ConsoleGuard):
     """A console stream (stdout or stderr) that also appends what is written to a log file, line by
     line. Progress bars stay on the console only: a bar redraws its line after a carriage return,
     and a bar beneath another moves the cursor up ('\x1b[A'); a line that does either is not kept.
     What is written straight to the file descriptor (`fileno()`: child processes) bypasses the copy."""
 
     def __init__(self, stream, file):
-        self.stream, self.file, self.line, self.redraw = stream, file, "", False
+        super().__init__(stream)
+        self.file, self.line, self.redraw = file, "", False
 
     def write(self, text):
-        self.to_console(self.stream.write, text)
+        super().write(text)
         if self.file.closed:  # kept by an object after the run let go of the console
             return len(text)
         for piece in re.split(r"(\n)", text.replace("\r\n", "\n")):
@@ -77,40 +126,22 @@ class LogCopy(io.TextIOBase):
         self.file.flush()
         return len(text)
 
-    def flush(self):
-        self.to_console(self.stream.flush)
 
-    def to_console(self, call, *args):
-        """A console closed under the run (`train.py | head`: the reader stopped) must not end it:
-        from then on the console's output goes to devnull, file descriptor included (Lightning's
-        and child processes' writes), and the log file still gets every line."""
-        try:
-            call(*args)
-        except BrokenPipeError:
-            devnull = open(os.devnull, "w")
-            try:
-                os.dup2(devnull.fileno(), self.stream.fileno())
-            except (OSError, ValueError):  # a stream with no descriptor of its own
-                pass
-            self.stream = devnull
-
-    def writable(self):
-        return True
-
-    def isatty(self):  # tqdm and rich draw as they would on the console itself
-        return self.stream.isatty()
-
-    def fileno(self):
-        return self.stream.fileno()
-
-    @property
-    def encoding(self):
-        return getattr(self.stream, "encoding", "utf-8")
-
-    def __getattr__(self, name):  # buffer, name, mode, line_buffering ...: the console's own
-        if name == "stream":  # not set yet
-            raise AttributeError(name)
-        return getattr(self.stream, name)
+def guard_console() -> None:
+    """sys.stdout and sys.stderr as ConsoleGuards, and the logging handlers already writing to them
+    (Lightning's, made at its import) pointed at the guards; handlers made later (Hydra's job
+    logging: ext://sys.stdout) take the guards themselves."""
+    guards = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, ConsoleGuard):
+            guards[id(stream)] = guard = ConsoleGuard(stream)
+            setattr(sys, name, guard)
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if type(handler) is logging.StreamHandler and id(handler.stream) in guards:
+                handler.setStream(guards[id(handler.stream)])
 
 
 def log_file_path(out: Path) -> Path:

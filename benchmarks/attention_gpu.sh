@@ -5,7 +5,8 @@
 # and the sampler (250 DDPM steps, guidance 1.5, batch 64).
 #   bash benchmarks/attention_gpu.sh OUT_DIR
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/attention_gpu.sh OUT_DIR}; mkdir -p "$OUT"
+OUT=${1:?usage: bash benchmarks/attention_gpu.sh OUT_DIR}
+source "$(dirname "$0")/fresh_out_dir.sh"
 PY=$(command -v "${PYTHON:-python}")
 $PY benchmarks/attention_kernels.py --batch-size 32 | tee "$OUT/kernels.txt"
 $PY benchmarks/official_loop.py --batch-size 32 --json "$OUT/official.json"

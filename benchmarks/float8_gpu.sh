@@ -6,7 +6,8 @@
 #   bash benchmarks/float8_gpu.sh OUT_DIR [SETS]     SETS: "recipe:layer,layer ..." (default below)
 # PARTS="side sets big" (the default) picks the parts to run, BIG the float8 set of the last one.
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/float8_gpu.sh OUT_DIR}; mkdir -p "$OUT"
+OUT=${1:?usage: bash benchmarks/float8_gpu.sh OUT_DIR}
+source "$(dirname "$0")/fresh_out_dir.sh"
 SETS=${2:-"tensorwise:qkv,proj,fc1,fc2 tensorwise:qkv,fc1,fc2 tensorwise:qkv,fc1 rowwise:qkv,proj,fc1,fc2"}
 BIG=${BIG:-"tensorwise:qkv,fc1,fc2"}
 PY=$(command -v "${PYTHON:-python}")

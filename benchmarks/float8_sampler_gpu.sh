@@ -7,7 +7,8 @@
 # PARTS="forward sampler interval" (the default) picks the parts to run; VARIANTS, GRANULARITIES and
 # INTERVAL ("bf16 rowwise": bf16 and float8 granularities) what each runs.
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/float8_sampler_gpu.sh OUT_DIR}; mkdir -p "$OUT"
+OUT=${1:?usage: bash benchmarks/float8_sampler_gpu.sh OUT_DIR}
+source "$(dirname "$0")/fresh_out_dir.sh"
 PY=$(command -v "${PYTHON:-python}")
 PARTS=${PARTS:-"forward sampler interval"}
 SAMPLER="-m dit.benchmark --model DiT-XL/2 --no-train --time-sampler --sample-batch-size 64 --guidance-scale 1.5"

@@ -4,7 +4,8 @@
 # (the mean of the values logged after the first) and the most GPU memory nvidia-smi saw.
 #   bash benchmarks/fsdp_gpu.sh OUT [DEVICES]
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/fsdp_gpu.sh OUT [DEVICES]}; DEVICES=${2:-1}; mkdir -p "$OUT"
+OUT=${1:?usage: bash benchmarks/fsdp_gpu.sh OUT [DEVICES]}; DEVICES=${2:-1}
+source "$(dirname "$0")/fresh_out_dir.sh"
 PY=$(command -v "${PYTHON:-python}")
 [ -d /tmp/lat32 ] || $PY benchmarks/synthetic_latents.py /tmp/lat32 8192 32
 for run in dit_xl:32:60 dit_g:16:40; do

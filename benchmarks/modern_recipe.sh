@@ -6,7 +6,8 @@
 # t <= 0.7 only (REPA's interval), and Heun at 50 evaluations; all with guidance 1.5, batch 64.
 #   bash benchmarks/modern_recipe.sh OUT_DIR
 set -euo pipefail
-OUT=${1:?usage: bash benchmarks/modern_recipe.sh OUT_DIR}; mkdir -p "$OUT"
+OUT=${1:?usage: bash benchmarks/modern_recipe.sh OUT_DIR}
+source "$(dirname "$0")/fresh_out_dir.sh"
 PY=$(command -v "${PYTHON:-python}")
 TRAIN="--model DiT-XL/2 --batch-size 32 --steps 30 --warmup 8"
 $PY benchmarks/official_loop.py --batch-size 32 --json "$OUT/official.json"

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from copy import deepcopy
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,8 @@ def main():
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--json")
     args = p.parse_args()
+    if args.json and Path(args.json).exists():  # an earlier run's figures: never written over
+        raise SystemExit(f"error: --json {args.json} exists (an earlier run's figures?): give a new path, or delete it")
     result = official_step(args.model, args.image_size, args.batch_size, args.steps, args.warmup)
     print(
         f"official loop (bf16 autocast + torch.compile), {args.model}, batch {args.batch_size} on {result['device']}: "

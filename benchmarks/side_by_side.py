@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--json")
     p.add_argument("project_args", nargs="*", help="more flags of python -m dit.benchmark, after --")
     args = p.parse_args(argv)
+    if args.json and Path(args.json).exists():  # an earlier run's figures: never written over
+        raise SystemExit(f"error: --json {args.json} exists (an earlier run's figures?): give a new path, or delete it")
     common = ["--model", args.model, "--batch-size", str(args.batch_size)]
     common += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     official, project = [], []

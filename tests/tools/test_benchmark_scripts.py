@@ -253,3 +253,21 @@ def test_digits_quality_scores_a_sample_npz(benchmark_scripts, tmp_path, capsys)
     np.savez(tmp_path / "ten.npz", arr_0=arr, manifest=ten)
     digits_quality.score_npz([tmp_path / "ten.npz"])
     assert "digit accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["attention_gpu", "float8_gpu", "float8_sampler_gpu", "fsdp_gpu", "modern_recipe"])
+def test_a_gpu_script_refuses_a_folder_of_earlier_figures(tmp_path, script):
+    """Before its first step: a rerun into the same OUT would write over the figures file by file."""
+    import subprocess
+
+    earlier = tmp_path / "official.json"
+    earlier.write_text('{"images_per_sec": 414.3}')
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / f"{script}.sh"), str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path} holds files (an earlier run's figures?): give a new or empty folder"
+    )
+    assert earlier.read_text() == '{"images_per_sec": 414.3}' and list(tmp_path.iterdir()) == [earlier]

@@ -296,7 +296,7 @@ def run(fabric, args):
             f"wrote {args.num_samples} samples to {out_dir}/, {out_dir}.npz (arr_0 {tuple(arr.shape)} uint8), grid {grid}"
         )
         beyond = [p for p in out_dir.glob("*.png") if p.stem.isdigit() and int(p.stem) >= args.num_samples]
-        if beyond:  # drawn by an earlier, larger --num-samples: the same samples, so kept, but not counted
+        if beyond:  # drawn by an earlier, larger --num-samples with the same settings: kept, not counted
             print(
                 f"note: {out_dir} also holds {len(beyond)} PNGs from {args.num_samples:06d}.png on, drawn for a "
                 f"larger --num-samples; they are left there and are not in {out_dir}.npz"

@@ -607,6 +607,8 @@ def quoted_name(item):
     """One name of `name=`, quoted; as written if empty, null, or holding a quote or a backslash
     (Hydra's own escapes: the user's to write)."""
     name = item.strip()
+    if ".." in name.split("/") or name == ".":  # the run folder would be paths.runs_dir or above it
+        raise UsageError(f"name={name}: a run's name is its folder under paths.runs_dir; give one without '.' or '..'")
     if not name or name.lower() == "null" or any(c in name for c in "'\"\\"):
         return item
     return f"'{name}'"
@@ -627,5 +629,8 @@ def folder_of_the_name_as_hydra_read_it(cfg) -> Path | None:
 
 if __name__ == "__main__":
     guard_console()  # `train.py | head`: the run goes on when the reader stops
-    sys.argv = quote_run_names(quote_values_with_equals(sys.argv))
+    try:
+        sys.argv = quote_run_names(quote_values_with_equals(sys.argv))
+    except UsageError as err:
+        exit_with_one_line(err)
     main()

@@ -14,6 +14,7 @@ from conftest import CONF, ROOT, compose_cfg, one_line_error, quick_cfg, run_tra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from dit.errors import UsageError
 from dit.training.module import DiTModule
 from dit.training.sweep_tags import swept_tags
 
@@ -106,6 +107,9 @@ def test_a_name_that_looks_like_a_number_names_the_folder_as_typed():
         "name=choice(a,b)",
     ]
     assert train.quote_run_names(["-cn", "name=7"]) == ["-cn", "name=7"]  # a flag's value
+    for escaping in ("name=..", "name=a/../..", "name=.", "-m name=x,.."):
+        with pytest.raises(UsageError, match="a run's name is its folder under paths.runs_dir; give one without"):
+            train.quote_run_names(escaping.split())
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for typed, folder in (("1.50", "1.50"), ("1e3", "1e3"), ("true", "true"), ("1_000", "1_000"), ("007", "007")):

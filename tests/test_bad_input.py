@@ -88,6 +88,23 @@ def test_config_mistakes(tmp_path, digits_dir, capsys, monkeypatch, override, me
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "manifest.json").exists()
 
 
+def test_the_digits_are_never_written_into_a_folder_of_other_files(tmp_path, capsys):
+    """data.prepare=digits on a data.path that holds someone's files: refused, the files as they were."""
+    from conftest import compose_cfg
+
+    theirs = tmp_path / "my_latents"
+    theirs.mkdir()
+    (theirs / "index.json").write_text('{"chunks": ["mine"]}')
+    cfg = compose_cfg([*BASE, f"data.path={theirs}", "logger=none"], tmp_path / "run")
+    one_line_error(
+        train_error(cfg, capsys),
+        f"data.path={theirs} holds files but no meta.json",
+        "the digits are written only into a new or empty folder",
+    )
+    assert [p.name for p in theirs.iterdir()] == ["index.json"]
+    assert (theirs / "index.json").read_text() == '{"chunks": ["mine"]}'
+
+
 def test_truncated_or_missing_shard(tmp_path, digits_dir, capsys):
     import shutil
 

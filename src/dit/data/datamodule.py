@@ -81,6 +81,12 @@ class LatentDataModule(LightningDataModule):
         if prepare and not (Path(self.path) / META_FILE).exists():
             if prepare != "digits":
                 raise UsageError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")
+            if Path(self.path).is_dir() and any(Path(self.path).iterdir()):  # its chunks would be written over
+                raise UsageError(
+                    f"data.path={self.path} holds files but no {META_FILE} (another dataset, or a preparation "
+                    "stopped half-way): the digits are written only into a new or empty folder; give another "
+                    "data.path, or delete that folder to prepare them anew"
+                )
             from dit.data.digits import prepare_digits
 
             prepare_digits(self.path)

@@ -627,10 +627,20 @@ def folder_of_the_name_as_hydra_read_it(cfg) -> Path | None:
     return None if isinstance(value, str) or folder == Path(cfg.output_dir) else folder
 
 
+def multirun_flag_first(argv):
+    """`train.py model=dit_s -m patch=2,4`: Hydra's argparse takes -m (--multirun) before the
+    overrides only, and ends with "unrecognized arguments" otherwise; a flag without a value, so it
+    moves to the front. After `--` (nothing of Hydra's) nothing moves."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[1:end] if a in ("-m", "--multirun")]
+    rest = [a for a in argv[1:end] if a not in ("-m", "--multirun")]
+    return [argv[0], *flags, *rest, *argv[end:]]
+
+
 if __name__ == "__main__":
     guard_console()  # `train.py | head`: the run goes on when the reader stops
     try:
-        sys.argv = quote_run_names(quote_values_with_equals(sys.argv))
+        sys.argv = quote_run_names(quote_values_with_equals(multirun_flag_first(sys.argv)))
     except UsageError as err:
         exit_with_one_line(err)
     main()

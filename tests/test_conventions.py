@@ -118,6 +118,19 @@ def test_a_name_that_looks_like_a_number_names_the_folder_as_typed():
             assert cfg.hydra.run.dir == f"outputs/{folder}" and cfg.name == typed
 
 
+def test_the_multirun_flag_may_come_after_the_overrides():
+    """Hydra's argparse takes -m only before the overrides ("unrecognized arguments" otherwise)."""
+    assert train.multirun_flag_first(["train.py", "model=dit_s", "-m", "patch=2,4"]) == [
+        "train.py",
+        "-m",
+        "model=dit_s",
+        "patch=2,4",
+    ]
+    assert train.multirun_flag_first(["train.py", "a=1", "--multirun"]) == ["train.py", "--multirun", "a=1"]
+    assert train.multirun_flag_first(["train.py", "-m", "a=1,2"]) == ["train.py", "-m", "a=1,2"]
+    assert train.multirun_flag_first(["train.py", "a=1"]) == ["train.py", "a=1"]
+
+
 def test_a_local_override_file_applies_and_git_ignores_it(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)

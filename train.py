@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import InstantiationException
+from hydra.errors import InstantiationException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -621,7 +621,7 @@ def folder_of_the_name_as_hydra_read_it(cfg) -> Path | None:
         return None
     try:
         value = OverridesParser.create().parse_override(f"name={cfg.name}").value()
-    except Exception:  # not an override Hydra parses unquoted: it never had another folder
+    except OverrideParseException:  # not an override Hydra parses unquoted: it never had another folder
         return None
     folder = Path(cfg.output_dir).parent / str(value)
     return None if isinstance(value, str) or folder == Path(cfg.output_dir) else folder

@@ -43,6 +43,18 @@ def exit_with_one_line(message) -> None:
     sys.exit(USAGE_EXIT_CODE)
 
 
+def point_at_devnull(stream):
+    """After a console's reader went away (`| head`: the pipe broke): the stream's file descriptor
+    onto devnull, so that later writes to it, buffered or from child processes, go nowhere quietly;
+    returns devnull, open for writing, to write to instead."""
+    devnull = open(os.devnull, "w")
+    try:
+        os.dup2(devnull.fileno(), stream.fileno())
+    except (OSError, ValueError):  # a stream with no descriptor of its own
+        pass
+    return devnull
+
+
 def exit_on_usage_error(main):
     """Run a tool's `main()`; a usage error ends it with one line on stderr. Output piped into a
     reader that stops early (`| head`) ends it quietly, as the Python docs advise for SIGPIPE
@@ -54,7 +66,7 @@ def exit_on_usage_error(main):
     except ONE_LINE_ERRORS as err:
         exit_with_one_line(err)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        point_at_devnull(sys.stdout)
         sys.exit(1)
 
 

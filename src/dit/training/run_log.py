@@ -25,6 +25,8 @@ import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
+from dit.errors import point_at_devnull
+
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 CURSOR_UP = "\x1b[A"  # tqdm's move back up to a bar above, after drawing one beneath it
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # colours and the cursor moves of nested progress bars
@@ -72,12 +74,7 @@ class ConsoleGuard(io.TextIOBase):
             self.to_devnull()
 
     def to_devnull(self):
-        devnull = open(os.devnull, "w")
-        try:
-            os.dup2(devnull.fileno(), self.stream.fileno())
-        except (OSError, ValueError):  # a stream with no descriptor of its own
-            pass
-        self.stream = devnull
+        self.stream = point_at_devnull(self.stream)
 
     def writable(self):
         return True

@@ -145,6 +145,18 @@ def tiny(**kwargs):
     return DiT(**(args | kwargs))
 
 
+def tiny_with_live_blocks(**kwargs):
+    """tiny(), seeded, with its zero-initialised parameters (adaLN-Zero's regressions, the output
+    layer) drawn non-zero, so that every block changes the output."""
+    torch.manual_seed(0)
+    model = tiny(**kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.02)
+    return model
+
+
 def numbered_shards(path, n=64, channels=2, size=4, num_classes=10):
     """Shards whose record i has posterior mean i (image) and -i (flip), std 0, label i % classes."""
     records = []

@@ -7,30 +7,19 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_with_live_blocks
 
 from dit.errors import UsageError
-from dit.models import DiT
 from dit.tools.benchmark import main as benchmark
 from dit.training.float8 import check_float8, check_float8_device, convert_blocks_to_float8
 
 pytest.importorskip("torchao.float8")
 
 
-def small_dit():
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, depth=2, hidden_size=64, num_heads=4, num_classes=10)
-    # adaLN-Zero starts every block as the identity; non-zero gates and output make the blocks count
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.normal_(0, 0.02)
-    return model
-
-
 def test_conversion_keeps_the_parameters_and_converts_only_the_chosen_layers():
     from torchao.float8.float8_linear import Float8Linear
 
-    model = small_dit()
+    model = tiny_with_live_blocks()
     before = {name: p for name, p in model.named_parameters()}
     converted = convert_blocks_to_float8(model, "tensorwise", ["qkv", "fc1"])
     assert converted == [f"blocks.{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "mlp.fc1")]
@@ -44,7 +33,7 @@ def test_conversion_keeps_the_parameters_and_converts_only_the_chosen_layers():
 
 
 def test_float8_forward_and_backward_stay_near_full_precision():
-    model = small_dit()
+    model = tiny_with_live_blocks()
     fp8 = copy.deepcopy(model)
     convert_blocks_to_float8(fp8, "tensorwise", ["qkv", "proj", "fc1", "fc2"])
     x, t, y = torch.randn(8, 4, 8, 8), torch.randint(0, 1000, (8,)), torch.randint(0, 10, (8,))

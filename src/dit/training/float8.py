@@ -1,4 +1,5 @@
-"""FP8 training of the blocks' linear layers with torchao's float8 recipes (`module.float8`).
+"""FP8 training of the blocks' linear layers (`module.float8`): torchao's float8 recipes, or the
+project's float8 forward (dit.training.float8_forward).
 
 torchao's `Float8Linear` keeps the fp32 master weight (the same parameter, so the optimizer, the
 EMA, checkpoints and exports see an unchanged model) and casts the weight, the layer's input and
@@ -7,6 +8,9 @@ absolute maxima: one scale a tensor ("tensorwise", cuBLAS's kernel) or one a row
 CUTLASS's; "rowwise_with_gw_hp" keeps the weight gradient's matmul in bf16). Everything else
 stays as under bf16-mixed: the attention, the norms and the adaLN modulation, the diffusion math
 and the loss in fp32.
+
+`rowwise_forward` and `tensorwise_forward` (dit.training.float8_forward, no torchao needed) cast
+only the forward matmul's operands and keep both gradients' matmuls in bf16.
 
 Only the layers named in `module.float8_layers` are converted. At DiT-XL/2's width the casts cost
 more than the fp8 matmul saves in some layers: docs/benchmarks.md measures each layer set.
@@ -19,7 +23,9 @@ from torch import nn
 
 from dit.errors import UsageError
 
-RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+FORWARD_RECIPES = ("rowwise_forward", "tensorwise_forward")  # dit.training.float8_forward
+RECIPES = TORCHAO_RECIPES + FORWARD_RECIPES
 LAYERS = ("qkv", "proj", "fc1", "fc2")  # a block's attention and MLP linears (dit.models.dit)
 
 
@@ -32,6 +38,8 @@ def check_float8(recipe, layers) -> None:
     unknown = [name for name in layers or () if name not in LAYERS]
     if not layers or unknown:
         raise UsageError(f"module.float8_layers={list(layers or [])}; list one or more of {', '.join(LAYERS)}")
+    if recipe in FORWARD_RECIPES:
+        return
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
@@ -51,7 +59,7 @@ def check_float8_device(recipe, device: torch.device, setting: str | None = None
             f"{torch.cuda.get_device_name(device)} has none: {fix}"
         )
     # torch's CPU float8 matmul takes one scale per tensor only (torch 2.9); the CPU is for tests.
-    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and recipe != "tensorwise"):
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not recipe.startswith("tensorwise")):
         raise UsageError(f"{setting} runs on CUDA GPUs (tensorwise also on the CPU); {fix}")
 
 
@@ -67,10 +75,9 @@ def is_float8_layer(module: nn.Module, name: str, layers) -> bool:
 
 
 def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]:
-    """Swap the chosen linears of `model.blocks` for torchao's Float8Linear, in place; returns the
-    names of the converted layers. Parameters keep their names and order."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
+    """Swap the chosen linears of `model.blocks` for torchao's Float8Linear (or, for the forward
+    recipes, Float8ForwardLinear), in place; returns the names of the converted layers. Parameters
+    keep their names and order."""
     chosen = {layers} if isinstance(layers, str) else set(layers)
     converted = []
 
@@ -79,6 +86,13 @@ def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]
         if take:
             converted.append(f"blocks.{name}")
         return take
+
+    if recipe in FORWARD_RECIPES:
+        from dit.training.float8_forward import convert_blocks_to_float8_forward
+
+        convert_blocks_to_float8_forward(model.blocks, recipe, wanted)
+        return converted
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(
         model.blocks, module_filter_fn=wanted, config=Float8LinearConfig.from_recipe_name(recipe)

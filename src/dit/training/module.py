@@ -51,8 +51,9 @@ class DiTModule(LightningModule):
         compile: compile the backbone's forward with torch.compile: true, false, "auto" (on CUDA
             devices only: compiling pays for itself within minutes there, not on a CPU), or one of
             torch.compile's modes ("reduce-overhead" adds CUDA graphs, "max-autotune" ...).
-        float8: null, or a torchao float8 recipe ("tensorwise", "rowwise", "rowwise_with_gw_hp") for
-            the matmuls of the blocks' `float8_layers` (dit.training.float8); weights, EMA and the
+        float8: null, a torchao float8 recipe ("tensorwise", "rowwise", "rowwise_with_gw_hp") or a
+            float8 forward ("rowwise_forward", "tensorwise_forward": bf16 gradients) for the
+            matmuls of the blocks' `float8_layers` (dit.training.float8); weights, EMA and the
             diffusion math keep their precision.
         float8_layers: which of a block's linears run in float8: qkv, proj, fc1, fc2.
     """

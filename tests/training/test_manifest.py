@@ -1,6 +1,12 @@
-"""What decides a run (dit.training.manifest.run_identity): keys added to the config later."""
+"""What decides a run (dit.training.manifest.run_identity): keys added to the config later; the
+code version every manifest records."""
 
-from dit.training.manifest import changed_keys, run_identity
+import shutil
+import subprocess
+
+import pytest
+
+from dit.training.manifest import changed_keys, checkout_root, code_version, run_identity
 
 
 def test_a_checkpoint_without_the_block_options_trained_the_papers_block():
@@ -20,3 +26,12 @@ def test_a_checkpoint_without_data_features_read_no_features():
     assert changed_keys(run_identity(before), run_identity(now)) == []
     now["data"]["features"] = True
     assert changed_keys(run_identity(before), run_identity(now)) == ["data.features"]
+
+
+@pytest.mark.skipif(
+    not (checkout_root() / ".git").exists() or shutil.which("git") is None, reason="not a git checkout"
+)
+def test_the_code_version_names_this_checkouts_commit():
+    head = subprocess.run(["git", "-C", str(checkout_root()), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert (checkout_root() / "src" / "dit" / "training" / "manifest.py").is_file()
+    assert code_version()["commit"].removesuffix("+dirty") == head.stdout.strip()

@@ -169,10 +169,16 @@ def weights_digest(state_dict):
 
 
 @functools.cache
+def checkout_root() -> Path:
+    """The folder whose src/dit is this package (an editable install's checkout; for an installed
+    wheel, two levels above site-packages/dit, which holds no .git)."""
+    return Path(__file__).resolve().parents[1].parents[1]  # <root>/src/dit/training/manifest.py
+
+
 def code_version():
     """{"dit": version, "commit": git commit of this checkout (+dirty when tracked files changed) or
     None, "torch": ..., "lightning": ...}."""
-    root = Path(__file__).resolve().parents[2]
+    root = checkout_root()
     commit = None
     if (root / ".git").exists():
         try:

@@ -230,4 +230,8 @@ def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(manifest["launches"]) == 2  # the refused launch wrote nothing
     assert manifest["launches"][-1]["accepted_changes"]["module.optimizer.lr"] == [0.001, 0.0005]
+    # each launch keeps the code and the settings it trained with; the top holds the latest
+    first, second = manifest["launches"]
+    assert first["code"].keys() == second["code"].keys() >= {"dit", "commit", "torch"}
+    assert first["config_hash"] != second["config_hash"] == manifest["config_hash"]
     assert resumed["manifest"]["run_id"] == manifest["run_id"]

@@ -299,10 +299,13 @@ def wait_for(read, seconds=5.0):
 
 def write_run_manifest(folder, config, overrides, resumed_from, accepted):
     """Record this launch in `<run>/manifest.json`: the run's id (kept from its first launch),
-    the hash of its identity, the code, and each launch's overrides, start and accepted changes."""
+    the hash of its identity and the code (the latest launch's at the top), and each launch's
+    overrides, start, code, identity hash and accepted changes: a resumed run's checkpoints before
+    a launch came from the code of the launches before it."""
     manifest = read_manifest(folder) or {}
     manifest.setdefault("run_id", uuid.uuid4().hex[:12])
-    manifest.update(kind="training run", config_hash=digest(run_identity(config)), code=code_version())
+    code, config_hash = code_version(), digest(run_identity(config))
+    manifest.update(kind="training run", config_hash=config_hash, code=code)
     manifest["overrides"] = list(overrides)  # the latest launch's: how a sweep rerun finds this folder
     manifest.setdefault("launches", []).append(
         dict(
@@ -312,6 +315,8 @@ def write_run_manifest(folder, config, overrides, resumed_from, accepted):
             overrides=list(overrides),
             resumed_from=resumed_from,
             accepted_changes=accepted or None,
+            code=code,
+            config_hash=config_hash,
         )
     )
     write_manifest(folder, manifest)

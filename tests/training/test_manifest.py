@@ -28,9 +28,7 @@ def test_a_checkpoint_without_data_features_read_no_features():
     assert changed_keys(run_identity(before), run_identity(now)) == ["data.features"]
 
 
-@pytest.mark.skipif(
-    not (checkout_root() / ".git").exists() or shutil.which("git") is None, reason="not a git checkout"
-)
+@pytest.mark.skipif(not (checkout_root() / ".git").exists() or shutil.which("git") is None, reason="not a git checkout")
 def test_the_code_version_names_this_checkouts_commit():
     head = subprocess.run(["git", "-C", str(checkout_root()), "rev-parse", "HEAD"], capture_output=True, text=True)
     assert (checkout_root() / "src" / "dit" / "training" / "manifest.py").is_file()

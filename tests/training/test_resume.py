@@ -195,6 +195,24 @@ def test_only_the_newest_k_checkpoints_are_kept(tmp_path, digits_dir):
     assert kept == ["last.ckpt", "step=0000008.ckpt", "step=0000010.ckpt"]
 
 
+def test_a_resume_without_the_ema_trains_on_from_the_trained_weights(tmp_path, digits_dir):
+    """The checkpoint's state_dict holds the EMA; a resume that drops callbacks.ema (accepted)
+    continues from current_model_state, the weights the optimizer's moments belong to. lr 0 makes
+    the step after the resume leave them as they were."""
+    import train
+    from conftest import quick_cfg
+
+    base = ["~callbacks.digits_accuracy", "name=r", "logger=none", "trainer.val_check_interval=1000"]
+    train.main(quick_cfg(tmp_path, digits_dir, *base, "trainer.max_steps=3"))
+    _, average, trained, _ = weights(tmp_path)
+    assert any(not torch.equal(average[k], trained[k]) for k in trained)
+    resume = ["resume=auto", "trainer.max_steps=4", "~callbacks.ema", "module.optimizer.lr=0", "accept_changes=true"]
+    train.main(quick_cfg(tmp_path, digits_dir, *base, *resume))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 and "current_model_state" not in ckpt
+    assert all(torch.equal(ckpt["state_dict"][k], trained[k]) for k in trained if k.startswith("model."))
+
+
 def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir, capsys):
     """A resume whose recipe changed (lr, batch, EMA decay) is refused, naming each key; with
     accept_changes=true the new values are the ones in force (the restored optimizer state would

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
 
 from dit.data.decoding import make_decoder
 from dit.diffusion import Objective, Sampler, draw
@@ -202,6 +203,15 @@ class DiTModule(LightningModule):
         checkpoint["manifest"] = self.run_manifest
 
     def on_load_checkpoint(self, checkpoint):
+        # A checkpoint of a run with an EMA holds the average as `state_dict` and the trained
+        # weights as `current_model_state` (Lightning's WeightAveraging); the callback puts the
+        # trained weights back. Resumed without it (callbacks.ema removed), the run trains on from
+        # the trained weights, as AdamW's moments do, not from the average. This hook runs before
+        # Lightning loads `state_dict` into the model. (With no trainer, DiTModule.load_from_checkpoint,
+        # `state_dict` stays the average: the weights to sample with.)
+        trainer = self._trainer
+        if trainer is not None and not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
+            checkpoint["state_dict"] = checkpoint.get("current_model_state", checkpoint["state_dict"])
         theirs = backbone_state_dict(checkpoint)
         if describe_state_dict(theirs) != describe_state_dict(self.model.state_dict()):
             raise UsageError(

@@ -301,6 +301,21 @@ def trained_steps(folder):
         return 0
 
 
+def check_no_checkpoints_elsewhere(manifest, folders):
+    """resume=auto found no checkpoint in `folders`: refuse if an earlier launch of the run saved
+    its checkpoints in another folder that still holds them (its callbacks.checkpoint.dirpath,
+    not given again), rather than start the run afresh over its record."""
+    searched = {os.path.abspath(f) for f in folders}
+    for launch in reversed(manifest.get("launches") or []):
+        for folder in launch.get("checkpoint_folders") or []:
+            if folder not in searched and any(Path(folder).glob("*.ckpt")):
+                raise UsageError(
+                    f"resume=auto: no checkpoint in {', '.join(sorted(searched))}, but an earlier launch of this run "
+                    f"saved its checkpoints in {folder}; give callbacks.checkpoint.dirpath={folder} "
+                    f"callbacks.stop_checkpoint.dirpath={folder} again, or resume={folder}/last.ckpt"
+                )
+
+
 def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
     """A resumed run trains what its checkpoint trained: the settings of run_identity must match,
     or, with accept_changes=true, the new values are applied (DiTModule.on_train_start puts the
@@ -461,6 +476,8 @@ def fit(cfg, out, run_config, summary, lock):
             f"{out} holds an earlier run of other settings that saved no checkpoint (its manifest.json); "
             "give this run another name=, or move that folder away"
         )
+    if ckpt_path is None and cfg.resume == "auto" and earlier is not None:
+        check_no_checkpoints_elsewhere(earlier, folders)
     accepted = check_same_run(ckpt_path, checkpoint, run_config, cfg.accept_changes) if checkpoint is not None else {}
     del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -496,7 +513,8 @@ def fit(cfg, out, run_config, summary, lock):
         folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
         for folder in sorted(f for f in folders if "://" not in f):
             check_writable(folder, checkpoint_bytes(summary["params"]))
-        manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted)
+        saved_in = sorted(os.path.abspath(f) for f in folders)
+        manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted, saved_in)
         module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
         run_summary.static["run_id"] = manifest["run_id"]
     if trainer.is_global_zero:

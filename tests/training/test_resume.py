@@ -213,6 +213,28 @@ def test_a_resume_without_the_ema_trains_on_from_the_trained_weights(tmp_path, d
     assert all(torch.equal(ckpt["state_dict"][k], trained[k]) for k in trained if k.startswith("model."))
 
 
+def test_resume_auto_looks_where_the_run_saved_its_checkpoints(tmp_path, digits_dir, capsys):
+    """A run that saved its checkpoints elsewhere (callbacks.checkpoint.dirpath), resumed with
+    resume=auto but without that setting, is refused in one line naming the folder, not started
+    afresh over its record; given the folder again, it continues."""
+    import train
+    from conftest import quick_cfg
+
+    moved = tmp_path.parent / f"{tmp_path.name}_ckpts"
+    base = ["~callbacks.digits_accuracy", "name=r", "logger=none", "trainer.val_check_interval=1000"]
+    where = [f"callbacks.checkpoint.dirpath={moved}", f"callbacks.stop_checkpoint.dirpath={moved}"]
+    train.main(quick_cfg(tmp_path / "run", digits_dir, *base, *where, "trainer.max_steps=3"))
+    assert read_checkpoint(moved / "last.ckpt")["global_step"] == 3
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(SystemExit) as refused:
+        train.main(quick_cfg(tmp_path / "run", digits_dir, *base, "resume=auto", "trainer.max_steps=5"))
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, "resume=auto: no checkpoint in", f"saved its checkpoints in {moved}")
+    assert (tmp_path / "run" / "summary.json").read_text() == summary  # the run's record as it was
+    train.main(quick_cfg(tmp_path / "run", digits_dir, *base, *where, "resume=auto", "trainer.max_steps=5"))
+    assert read_checkpoint(moved / "last.ckpt")["global_step"] == 5
+
+
 def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir, capsys):
     """A resume whose recipe changed (lr, batch, EMA decay) is refused, naming each key; with
     accept_changes=true the new values are the ones in force (the restored optimizer state would

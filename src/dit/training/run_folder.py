@@ -297,11 +297,12 @@ def wait_for(read, seconds=5.0):
         time.sleep(0.05)
 
 
-def write_run_manifest(folder, config, overrides, resumed_from, accepted):
+def write_run_manifest(folder, config, overrides, resumed_from, accepted, checkpoint_folders=()):
     """Record this launch in `<run>/manifest.json`: the run's id (kept from its first launch),
     the hash of its identity and the code (the latest launch's at the top), and each launch's
-    overrides, start, code, identity hash and accepted changes: a resumed run's checkpoints before
-    a launch came from the code of the launches before it."""
+    overrides, start, code, identity hash, accepted changes and the folders its checkpoints go to:
+    a resumed run's checkpoints before a launch came from the code of the launches before it, and
+    resume=auto looks for them where they went (train.py)."""
     manifest = read_manifest(folder) or {}
     manifest.setdefault("run_id", uuid.uuid4().hex[:12])
     code, config_hash = code_version(), digest(run_identity(config))
@@ -317,6 +318,7 @@ def write_run_manifest(folder, config, overrides, resumed_from, accepted):
             accepted_changes=accepted or None,
             code=code,
             config_hash=config_hash,
+            checkpoint_folders=list(checkpoint_folders),
         )
     )
     write_manifest(folder, manifest)

@@ -3,6 +3,8 @@ ADM's centre crop, shard contents, the DataModule reading them, the split over r
 and the REPA encoder's arguments (its features themselves: tests/data/test_features.py)."""
 
 import json
+import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import dit.tools.extract as extract
 from dit.data.datamodule import LatentDataModule
 from dit.data.shards import check_shards
 from dit.data.vae import encode, tiny_vae
-from dit.errors import UsageError
+from dit.errors import UsageError, exit_on_usage_error
 
 RESOLUTION = 32  # 4×4 latents: the tiny VAE downsamples 8× like the real one
 
@@ -198,6 +200,128 @@ def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extr
     for ours, uninterrupted in zip(read_records(out), read_records(extracted), strict=True):
         assert ours["label"] == uninterrupted["label"]
         assert np.array_equal(ours["posterior"], uninterrupted["posterior"])
+
+
+def folder_state(folder):
+    """{relative path: bytes} of every file under folder: what a refused run leaves as it was."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def half_extracted(image_dir, out, vae_dir, monkeypatch):
+    """A run that did only some parts: rank 0 of 2 (parts 0, 2 and 4 of 14 files in parts of 3)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    run_extract(image_dir, out, vae_dir)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["part_00000", "part_00002", "part_00004"]
+    return folder_state(out)
+
+
+def refused(capsys, run, *fragments):
+    """`run` refused as `python -m dit.extract` prints it: one line, no traceback, saying `fragments`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        exit_on_usage_error(run)
+    return one_line_error(capsys.readouterr().err, *fragments)
+
+
+def assert_same_records(folder, reference):
+    for ours, theirs in zip(read_records(folder), read_records(reference), strict=True):
+        assert ours["label"] == theirs["label"] and np.array_equal(ours["posterior"], theirs["posterior"])
+
+
+def test_resume_with_another_part_size_is_refused(image_dir, vae_dir, extracted, tmp_path, monkeypatch, capsys):
+    """Parts of 3 and a rerun with another --part-size would duplicate or leave out records (the red
+    team's 12 images became 16 records): one line naming the setting, and OUT left as it was."""
+    out = tmp_path / "latents"
+    before = half_extracted(image_dir, out, vae_dir, monkeypatch)
+    for size in ("2", "4", "5"):  # 7, 4 and 3 parts (part_00004 is then beyond the last)
+        refused(
+            capsys,
+            partial(run_extract, image_dir, out, vae_dir, "--part-size", size),
+            f"--part-size {size} but {out}'s parts were written with --part-size 3: rerun with --part-size 3, "
+            "or extract into a new folder",
+        )
+        assert folder_state(out) == before
+    run_extract(image_dir, out, vae_dir)  # the same --part-size resumes: the uninterrupted run's records
+    assert json.loads((out / "meta.json").read_text())["num_samples"] == 12
+    assert_same_records(out, extracted)
+
+
+def test_resume_on_other_image_files_is_refused(image_dir, vae_dir, extracted, tmp_path, monkeypatch, capsys):
+    """Parts made from one set of images and a rerun on another (a file added or resized in place,
+    another class folder, another folder of as many files) would merge records of both: refused."""
+    images = tmp_path / "imagenet" / "train"
+    shutil.copytree(image_dir, images)
+    out = tmp_path / "latents"
+    before = half_extracted(images, out, vae_dir, monkeypatch)
+
+    def refused_on(folder, how):
+        refused(
+            capsys,
+            partial(run_extract, folder, out, vae_dir),
+            f"the image files under {folder} differ from those {out}'s parts were made from (under "
+            f"{images.resolve()}): {how}; rerun on those images, or extract into a new folder",
+        )
+        assert folder_state(out) == before
+
+    extra = images / "n02" / "img3.JPEG"
+    Image.new("RGB", (40, 40)).save(extra)
+    refused_on(images, "15 image files now, 14 then")
+    extra.unlink()
+    resized, original = images / "n02" / "img1.JPEG", (images / "n02" / "img1.JPEG").read_bytes()
+    Image.new("RGB", (70, 40)).save(resized)  # the same name, other bytes
+    refused_on(images, "as many files, but other names or sizes")
+    resized.write_bytes(original)
+    (images / "n04").mkdir()  # an empty class folder renumbers nothing here, but would in another
+    refused_on(images, "other class folders (4 now, 3 then)")
+    (images / "n04").rmdir()
+    other = tmp_path / "other" / "train"  # another folder: as many files, one named otherwise
+    shutil.copytree(images, other)
+    (other / "n01" / "img2.JPEG").rename(other / "n01" / "img5.JPEG")
+    refused_on(other, "as many files, but other names or sizes")
+    run_extract(images, out, vae_dir)  # the images the parts were made from: resumed
+    assert_same_records(out, extracted)
+
+
+def test_parts_of_an_older_extract_are_refused(image_dir, vae_dir, tmp_path, monkeypatch, capsys):
+    """Parts whose meta.json does not record their images (written before it did) cannot be checked
+    against the folder: refused rather than merged on trust."""
+    out = tmp_path / "latents"
+    half_extracted(image_dir, out, vae_dir, monkeypatch)
+    meta_file = out / "parts" / "part_00002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    for key in ("part_size", "num_files", "files_sha256", "part_range", "part_files_sha256"):
+        del meta[key]
+    meta_file.write_text(json.dumps(meta))
+    before = folder_state(out)
+    refused(
+        capsys,
+        partial(run_extract, image_dir, out, vae_dir),
+        "part_00002 was written by a dit.extract that did not record which image files a part holds",
+        f"delete {out / 'parts'} to start over",
+    )
+    assert folder_state(out) == before
+
+
+def test_the_same_files_under_another_root_resume_and_merge(image_dir, vae_dir, extracted, tmp_path, monkeypatch):
+    """Another node mounting the images elsewhere (or a resume from a copy) has the same files: its
+    parts record the same fingerprints, its rank resumes on the others' parts, and all merge."""
+    mount = tmp_path / "mnt" / "imagenet" / "train"
+    shutil.copytree(image_dir, mount)
+    out = tmp_path / "latents"
+    half_extracted(image_dir, out, vae_dir, monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run_extract(mount, out, vae_dir)  # parts 1 and 3 from the other root, then the merge
+    parts = [json.loads((d / "meta.json").read_text()) for d in sorted((out / "parts").iterdir())]
+    assert [p["source"] for p in parts] == [str(r.resolve()) for r in (image_dir, mount) * 2 + (image_dir,)]
+    assert [p["part_range"] for p in parts] == [[0, 3], [3, 6], [6, 9], [9, 12], [12, 14]]
+    assert len({p["files_sha256"] for p in parts}) == 1 and {p["part_size"] for p in parts} == {3}
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["num_samples"], meta["part_size"], meta["num_files"]) == (12, 3, 14)
+    assert meta["files_sha256"] == parts[0]["files_sha256"] and "part_range" not in meta
+    assert_same_records(out, extracted)
 
 
 def test_bf16_posterior_stays_close_to_fp32():

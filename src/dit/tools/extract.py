@@ -42,8 +42,10 @@ precisions before using it.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -144,22 +146,91 @@ def encode_part(files, vae, size, batch_size, num_workers, progress, encoder=Non
     return records, skipped
 
 
-def check_finished_parts(part_dirs, features, out_dir):
-    """Before encoding: the parts an earlier run finished were written with the REPA features this
-    run asks for (or, like it, without), else a resumed run would mix two record layouts."""
-    done = next((d for d in part_dirs if (d / META_FILE).exists()), None)
-    if done is None:
-        return
-    written = json.loads((done / META_FILE).read_text()).get("features")
-    written = written and {k: written.get(k) for k in ("encoder", "weights")}
-    if written != features:
+PART_KEYS = ("part_range", "part_files_sha256")  # a part's own record of its images: differs between parts
 
-        def said(f):
-            return f"--repa-encoder {f['encoder']} (weights: {f['weights']})" if f else "no --repa-encoder"
 
+def files_fingerprint(listed):
+    """sha256 over (path relative to the image folder, byte size) of each file, in order: the same
+    for the same files under another mount point; another for a file added, removed, renamed or
+    resized (a file rewritten in place at the same size keeps it)."""
+    digest = hashlib.sha256()
+    for name, size in listed:
+        digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
+def part_records(root, files, classes, part_size):
+    """What decides each part's records, as its meta.json keeps it: the folder's record (the part
+    size, the class folders, the number of files and their fingerprint), and each part's own (its
+    index range in the sorted list and its files' fingerprint): part p's entry is parts[p]."""
+    root = Path(root)
+    listed = []
+    for path, _ in files:
+        try:
+            size = os.stat(path).st_size
+        except OSError:  # a broken link: decoding skips it, and lists it
+            size = -1
+        listed.append((path.relative_to(root).as_posix(), size))
+    folder = dict(part_size=part_size, classes=classes, num_files=len(files), files_sha256=files_fingerprint(listed))
+    parts = [
+        dict(
+            folder,
+            part_range=[start, min(start + part_size, len(files))],
+            part_files_sha256=files_fingerprint(listed[start : start + part_size]),
+        )
+        for start in range(0, len(files), part_size)
+    ]
+    return folder, parts
+
+
+def check_finished_parts(parts_root, folder, parts, features, image_dir):
+    """Before encoding (and again before merging): every part an earlier run (or another rank)
+    finished holds what this run would write there, else a resumed run would mix them — REPA
+    features of another kind (two record layouts), another --part-size (records duplicated or left
+    out) or other image files (records of two folders). Parts from before parts recorded their
+    images (no part_size / part_files_sha256) are refused: nothing says which images they hold."""
+    out_dir = parts_root.parent
+    finished = sorted(d for d in parts_root.glob("part_*") if re.fullmatch(r"part_\d+", d.name))
+    restart = f"extract into a new folder, or delete {parts_root} to start over"
+    for part in finished:
+        if not (part / META_FILE).exists():
+            raise UsageError(f"{part} holds no {META_FILE}: not a part dit.extract finished; delete it and rerun")
+        meta = json.loads((part / META_FILE).read_text())
+        written = meta.get("features")
+        written = written and {k: written.get(k) for k in ("encoder", "weights")}
+        if written != features:
+
+            def said(f):
+                return f"--repa-encoder {f['encoder']} (weights: {f['weights']})" if f else "no --repa-encoder"
+
+            raise UsageError(
+                f"{part} was written with {said(written)}, this run asks for {said(features)}; rerun with the same "
+                f"arguments, or delete {parts_root} to start over"
+            )
+        if not all(k in meta for k in (*folder, *PART_KEYS)):
+            raise UsageError(
+                f"{part} was written by a dit.extract that did not record which image files a part holds, so "
+                f"resuming cannot check it against {image_dir}: {restart}"
+            )
+        if meta["part_size"] != folder["part_size"]:
+            raise UsageError(
+                f"--part-size {folder['part_size']} but {out_dir}'s parts were written with --part-size "
+                f"{meta['part_size']}: rerun with --part-size {meta['part_size']}, or extract into a new folder"
+            )
+        if meta["classes"] != folder["classes"]:
+            how = f"other class folders ({len(folder['classes'])} now, {len(meta['classes'])} then)"
+        elif meta["num_files"] != folder["num_files"]:
+            how = f"{folder['num_files']} image files now, {meta['num_files']} then"
+        elif meta["files_sha256"] != folder["files_sha256"]:
+            how = "as many files, but other names or sizes"
+        else:
+            p = int(part.name.removeprefix("part_"))
+            if p < len(parts) and all(meta[k] == parts[p][k] for k in PART_KEYS):
+                continue
+            how = f"{part.name} does not hold the files it would now"
         raise UsageError(
-            f"{done} was written with {said(written)}, this run asks for {said(features)}; rerun with the same "
-            f"arguments, or delete {out_dir / 'parts'} to start over"
+            f"the image files under {image_dir} differ from those {out_dir}'s parts were made from "
+            f"(under {meta.get('source')}): {how}; rerun on those images, or {restart}"
         )
 
 
@@ -171,7 +242,10 @@ def merge_parts(out_dir, part_dirs):
     for part in part_dirs:
         meta = json.loads((part / META_FILE).read_text())
         skipped += meta.pop("skipped")
-        # what the records hold; not `source`, which another node may mount elsewhere
+        # what the records hold; not `source`, which another node may mount elsewhere (the files'
+        # fingerprints are of paths relative to it), nor the part's own range and fingerprint
+        for key in PART_KEYS:
+            meta.pop(key, None)
         settings = {k: v for k, v in meta.items() if k not in ("num_samples", "source")}
         first = first or (part, settings)
         if settings != first[1]:  # e.g. a run resumed with another --repa-encoder: records of two layouts
@@ -296,7 +370,9 @@ def main(argv=None):
     parts_root = out_dir / "parts"
     part_dirs = [parts_root / f"part_{p:05d}" for p in range(num_parts)]
     todo = [p for p in range(rank, num_parts, world) if not part_dirs[p].exists()]
-    check_finished_parts(part_dirs, features_setting(args.repa_encoder, args.repa_encoder_weights), out_dir)
+    folder, records_of = part_records(args.image_dir, files, classes, args.part_size)
+    features = features_setting(args.repa_encoder, args.repa_encoder_weights)
+    check_finished_parts(parts_root, folder, records_of, features, args.image_dir)
     print(
         f"rank {rank}/{world}: {len(files)} images of {len(classes)} classes in {num_parts} parts; "
         f"{len(todo)} of this rank's {len(range(rank, num_parts, world))} parts to encode on {device}"
@@ -349,7 +425,8 @@ def main(argv=None):
             tmp = part_dirs[p].with_name(part_dirs[p].name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
             write_chunks(records, tmp)
-            (tmp / META_FILE).write_text(json.dumps(dict(meta, num_samples=len(records), skipped=skipped)))
+            part_meta = dict(meta, **records_of[p], num_samples=len(records), skipped=skipped)
+            (tmp / META_FILE).write_text(json.dumps(part_meta))
             os.replace(tmp, part_dirs[p])  # the part is finished: a rerun skips it
     if total:
         elapsed = time.perf_counter() - start
@@ -359,6 +436,7 @@ def main(argv=None):
     if missing:
         print(f"rank {rank}: done; {len(missing)} parts are still with other ranks; the last rank to finish merges")
         return
+    check_finished_parts(parts_root, folder, records_of, features, args.image_dir)  # other ranks' parts too
     meta = merge_parts(out_dir, part_dirs)
     skipped = meta["skipped"]
     print(

@@ -122,6 +122,33 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
     assert redrawn == ["000002.png", "000003.png"] and np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], first)
     with pytest.raises(ValueError, match="classes 0..4"):
         sample_main([*args[:-10], "--classes", "7", "--num-heads", "1", "--devices", "1", "--accelerator", "cpu"])
+    # the same weights read with other heads are another model: never added to this folder
+    with pytest.raises(ValueError, match=r"holds samples drawn with other settings \(model.num_heads: 1 -> 2\)"):
+        sample_main([*args[:-5], "2", "--devices", "1", "--accelerator", "cpu"])
+
+
+def test_a_folder_another_process_fills_is_refused(tiny_run, tmp_path, capsys):
+    """Two sample runs into one folder would mix their PNGs under one record: the second is refused
+    in one line while the first holds the folder's lock."""
+    from dit.errors import exit_on_usage_error
+
+    out = tmp_path / "s"
+    out.mkdir()
+    holder = "import sys, time; from dit.training.run_folder import RunLock; RunLock(sys.argv[1]).acquire(); "
+    holder += "print('held', flush=True); time.sleep(60)"
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True, env=child_env()
+    )
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as refused:
+            exit_on_usage_error(lambda: sample_main([str(tiny_run), str(out), *cpu_ddim5(2, 2)]))
+        assert refused.value.code == 2
+        one_line_error(capsys.readouterr().err, f"{out} is in use by process {other.pid}", "sample into another folder")
+        assert not list(out.glob("*.png")) and not (out / "manifest.json").exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_class_grid_notebook(tiny_run, monkeypatch):

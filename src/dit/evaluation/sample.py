@@ -82,6 +82,7 @@ from dit.training.manifest import (
     weights_digest,
     write_manifest,
 )
+from dit.training.run_folder import RunLock
 
 PRECISIONS = ("32-true", "bf16-mixed")  # Lightning's names, as trainer.precision
 COMPILE = {"auto": "auto", "true": True, "false": False}  # as module.compile
@@ -116,11 +117,17 @@ def load_model(path: str | Path, num_heads: int | None = None) -> tuple[DiT, tup
     return model.eval().requires_grad_(False), data, provenance
 
 
-def implied_identity(identity: dict) -> dict:
+def implied_identity(identity: dict, now: dict) -> dict:
     """A folder's recorded identity with the keys added since it was drawn, at the values it was
-    drawn with: guidance everywhere, and uniform random labels (or the --classes it cycled)."""
+    drawn with: guidance everywhere, and uniform random labels (or the --classes it cycled). The
+    model's settings beyond its weights (model.*) went unrecorded then: taken to be `now`'s."""
     implied = dict(guidance_interval=[0.0, 1.0], labels="classes" if identity.get("classes") else "random", float8=None)
-    return implied | identity
+    unrecorded = {} if any(k.startswith("model.") for k in identity) else model_settings(now)
+    return implied | unrecorded | identity
+
+
+def model_settings(identity: dict) -> dict:
+    return {k: v for k, v in identity.items() if k.startswith("model.")}
 
 
 def check_sample_folder(out_dir, identity, overwrite, rank):
@@ -140,7 +147,8 @@ def check_sample_folder(out_dir, identity, overwrite, rank):
             f"{npz} exists and {out_dir} holds no manifest.json of the samples that wrote it; "
             "sample into another folder, or move it away"
         )
-    if manifest is not None and implied_identity(manifest.get("identity") or {}) == identity:
+    recorded = None if manifest is None else implied_identity(manifest.get("identity") or {}, identity)
+    if recorded == identity:
         return
     if not pngs:  # nothing drawn yet (a refused or failed start): the folder holds nothing to keep
         if rank == 0 and manifest is not None:
@@ -149,7 +157,7 @@ def check_sample_folder(out_dir, identity, overwrite, rank):
     if manifest is None:
         why = f"holds {len(pngs)} PNGs but no manifest.json, so what drew them is unknown"
     else:
-        why = f"holds samples drawn with other settings ({differences(implied_identity(manifest.get('identity') or {}), identity)})"
+        why = f"holds samples drawn with other settings ({differences(recorded, identity)})"
     if not overwrite:
         raise UsageError(
             f"{out_dir} {why}; sample into another folder, or pass --overwrite to delete them and draw anew"
@@ -182,7 +190,7 @@ def sample_batch(model, k, args, classes, sampler, decoder, device):
 
 def write_png(image, path):
     """Written under a temporary name and renamed: a killed run never leaves half a PNG behind."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     Image.fromarray(image.numpy()).save(tmp, format="png")
     os.replace(tmp, path)
 
@@ -191,7 +199,6 @@ def run(fabric, args):
     """One process's share: batches rank, rank + world, ...; then rank 0 gathers the .npz and grid."""
     out_dir = Path(args.out_dir)
     classes = parse_classes(args.classes)
-    device = fabric.device
     model, (pixels, scale), provenance = load_model(args.checkpoint, args.num_heads)
     if args.float8:  # before anything is written: a model with no layer to quantise is refused
         replaced = quantize_for_sampling(model, args.float8)
@@ -216,6 +223,8 @@ def run(fabric, args):
     identity = flatten(
         dict(
             weights_digest=provenance["weights_digest"],
+            # what the weights leave open: heads (a bare state dict takes --num-heads), RoPE (no weights of its own)
+            model=dict(num_heads=model.num_heads, conditioning=model.conditioning, **model.block_options),
             sampler=sampler.settings(),
             guidance_scale=args.guidance_scale,
             guidance=args.guidance,
@@ -233,6 +242,27 @@ def run(fabric, args):
     )
     identity = json.loads(json.dumps(identity))  # as the manifest file gives it back
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One process fills a folder at a time: two runs into one folder would each take it for theirs
+    # and mix their PNGs under one record. Rank 0 holds the lock; every rank learns whether it got it.
+    lock, busy = None, None
+    if fabric.global_rank == 0:
+        try:
+            lock = RunLock(out_dir, elsewhere="sample into another folder").acquire()
+        except UsageError as err:
+            busy = str(err)
+    busy = fabric.broadcast(busy, src=0)
+    if busy:
+        raise UsageError(busy)
+    try:
+        fill_folder(fabric, args, out_dir, identity, model, sampler, classes, pixels, scale, provenance)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def fill_folder(fabric, args, out_dir, identity, model, sampler, classes, pixels, scale, provenance):
+    """Draw the PNGs the folder lacks (this rank's batches), then rank 0 writes the .npz and the grid."""
+    device = fabric.device
     check_sample_folder(out_dir, identity, args.overwrite, fabric.global_rank)
     if fabric.global_rank == 0:  # PNGs half-written by a killed run: no rank draws yet
         for tmp in out_dir.glob("*.tmp"):

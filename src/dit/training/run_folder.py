@@ -44,8 +44,9 @@ class RunLock:
     REFRESH_S = 60
     STALE_S = 300
 
-    def __init__(self, folder, log=print):
+    def __init__(self, folder, log=print, elsewhere="give this run another name="):
         self.path = Path(folder) / LOCK_FILE
+        self.elsewhere = elsewhere  # how to go on without this folder, for the line that refuses
         self.log = log
         self.held = False
         self._stop = threading.Event()
@@ -104,7 +105,7 @@ class RunLock:
                 raise UsageError(
                     f"{self.path.parent} is in use by process {pid} on this host (started "
                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner.get('started', 0)))}); "
-                    "wait for it to finish or stop it, or give this run another name="
+                    f"wait for it to finish or stop it, or {self.elsewhere}"
                 )
             why = f"the lock of process {pid}, which is no longer running"
         elif host == me["host"] and pid == me["pid"] and age > 2 * self.REFRESH_S:

@@ -153,6 +153,8 @@ NUMERIC_KNOBS = {
     "trainer.val_check_interval": (int, 1),
     "data.global_batch_size": (int, 1),
     "data.num_workers": (int, 0),
+    "data.samples_per_class": (int, 1),  # the sample grids'
+    "data.sample_batch_size": (int, 1),
     "module.optimizer.lr": (float, 0),
     "module.optimizer.weight_decay": (float, 0),
     # read only when the first sample grid, FID or digit check runs, steps into the run: checked now
@@ -163,6 +165,7 @@ NUMERIC_KNOBS = {
     "callbacks.fid.seed": (int, 0),
     "callbacks.fid.every_n_steps": (int, 1),
     "callbacks.fid.num_samples": (int, 1),
+    "callbacks.fid.batch_size": (int, 1),
     "callbacks.digits_accuracy.guidance_scale": (float, 0),
     "callbacks.digits_accuracy.samples_per_class": (int, 1),
     "callbacks.digits_accuracy.seed": (int, 0),

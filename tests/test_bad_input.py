@@ -185,6 +185,8 @@ def train_error(cfg, capsys):
         ("data.global_batch_size=0", "data.global_batch_size must be an integer of at least 1, got 0"),
         ("data.global_batch_size=-32", "data.global_batch_size must be an integer of at least 1, got -32"),
         ("module.optimizer.lr=-1e-4", "module.optimizer.lr must be a number of at least 0, got -0.0001"),
+        ("data.sample_batch_size=0", "data.sample_batch_size must be an integer of at least 1, got 0"),
+        ("data.samples_per_class=-1", "data.samples_per_class must be an integer of at least 1, got -1"),
         (
             "module.init_from=/nowhere/DiT-XL-2-256x256.pt",
             "module.init_from=/nowhere/DiT-XL-2-256x256.pt: no checkpoint file at",
@@ -221,9 +223,12 @@ def test_bad_files_get_one_line(tmp_path, digits_dir, capsys):
         (f"module.init_from={tmp_path / 'notes.pt'}", "notes.pt is not a readable checkpoint"),
         (f"data.path={random_files}", f"data folder {random_files} holds no meta.json"),
         (f"data.path={broken}", f"{broken / 'index.json'} is corrupt"),
+        (f"data.path={tmp_path / 'notes.pt'}", "notes.pt is a file, not a folder: point data.path at a folder"),
     ]:
         cfg = compose_cfg([*BASE, f"data.path={digits_dir}", "data.prepare=null", override], tmp_path / "run")
         one_line_error(train_error(cfg, capsys), message)
+    cfg = compose_cfg([*BASE, f"data.path={tmp_path / 'notes.pt'}", "data.prepare=digits"], tmp_path / "run")
+    one_line_error(train_error(cfg, capsys), "is a file, not a folder", "a new folder to prepare the digits in")
 
 
 def test_steps_typed_without_quotes_are_accepted(tmp_path, digits_dir):

@@ -175,6 +175,20 @@ def test_samples_of_mixed_sizes_or_missing_are_refused(random_inception, tmp_pat
         one_line_error(capsys.readouterr().err, message)
 
 
+def test_a_bad_reference_is_named_before_inception_is_loaded(tmp_path, capsys):
+    """Offline, with no Inception weights: the line is about --ref, not about the download."""
+    from conftest import one_line_error
+
+    from dit.errors import exit_on_usage_error
+
+    (tmp_path / "ref.txt").write_text("")
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit) as exited:
+        exit_on_usage_error(lambda: main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.txt")]))
+    assert exited.value.code == 2
+    one_line_error(capsys.readouterr().err, "ref.txt is not a folder of images, an .npz of statistics")
+
+
 def test_saved_reference_statistics_say_what_they_were_computed_on(tmp_path):
     from dit.evaluation.fid import save_statistics
 

@@ -127,9 +127,9 @@ def test_vae_latents_resume_and_labels(tmp_path, capsys):
         sample_main([*args[:-5], "2", "--devices", "1", "--accelerator", "cpu"])
 
 
-def test_a_folder_another_process_fills_is_refused(tiny_run, tmp_path, capsys):
+def test_a_folder_another_process_fills_or_a_file_is_refused(tiny_run, tmp_path, capsys):
     """Two sample runs into one folder would mix their PNGs under one record: the second is refused
-    in one line while the first holds the folder's lock."""
+    in one line while the first holds the folder's lock. A file given as the folder is refused too."""
     from dit.errors import exit_on_usage_error
 
     out = tmp_path / "s"
@@ -149,6 +149,11 @@ def test_a_folder_another_process_fills_is_refused(tiny_run, tmp_path, capsys):
     finally:
         other.kill()
         other.wait()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        exit_on_usage_error(lambda: sample_main([str(tiny_run), str(tmp_path / "notes.txt"), *cpu_ddim5(2, 2)]))
+    one_line_error(capsys.readouterr().err, "notes.txt is a file; the samples go into a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_class_grid_notebook(tiny_run, monkeypatch):

@@ -58,3 +58,6 @@ def test_export_refuses_its_input_a_checkpoint_an_export_and_other_files(tiny_ru
     export_main([str(tiny_run), str(tmp_path / "ema.pt")])  # an earlier export is replaced
     code, err = export_cli(capsys, tmp_path / "missing.ckpt", tmp_path / "x.pt")
     assert code == 2 and one_line_error(err, "no checkpoint file at")
+    code, err = export_cli(capsys, tiny_run, f"{tmp_path / 'exports'}/")  # a folder that does not exist yet
+    assert code == 2 and one_line_error(err, "names a folder; give a file path such as")
+    assert not (tmp_path / "exports").exists()

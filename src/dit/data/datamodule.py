@@ -78,6 +78,11 @@ class LatentDataModule(LightningDataModule):
     def prepare_data(self):
         """Build the shards of a bundled dataset (`prepare: digits`) once, on one process."""
         prepare = self.hparams.prepare
+        if "://" not in self.path and Path(self.path).exists() and not Path(self.path).is_dir():
+            raise UsageError(
+                f"data.path={self.path} is a file, not a folder: point data.path at a folder of latent shards"
+                + (" (or a new folder to prepare the digits in)" if prepare == "digits" else "")
+            )
         if prepare and not (Path(self.path) / META_FILE).exists():
             if prepare != "digits":
                 raise UsageError(f"unknown data preparer {prepare!r}; the one bundled dataset is 'digits'")

@@ -420,6 +420,7 @@ def main(argv=None):
         raise UsageError("--batch-size and --resolution must be positive integers")
     if args.save_ref_stats:
         check_stats_path(Path(args.save_ref_stats), args.samples)
+    check_reference(args.ref)  # before Inception's weights are loaded (or fetched)
     extractor = inception(args.inception_weights, "cuda" if torch.cuda.is_available() else "cpu")
     if args.samples is None:
         reference = load_reference(args.ref, extractor, args.resolution, args.batch_size)

@@ -241,6 +241,8 @@ def run(fabric, args):
         )
     )
     identity = json.loads(json.dumps(identity))  # as the manifest file gives it back
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir} is a file; the samples go into a folder: give a folder's path")
     out_dir.mkdir(parents=True, exist_ok=True)
     # One process fills a folder at a time: two runs into one folder would each take it for theirs
     # and mix their PNGs under one record. Rank 0 holds the lock; every rank learns whether it got it.

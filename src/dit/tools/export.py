@@ -248,6 +248,8 @@ def main(argv=None):
     parser.add_argument("--vae", help="diffusers, latent runs: the VAE (ema, mse, hub id, folder); default: the run's")
     args = parser.parse_args(argv)
     source, output = Path(args.checkpoint), Path(args.output)
+    if args.format != "diffusers" and args.output.endswith(("/", os.sep)):  # Path() drops the slash
+        raise UsageError(f"the output {args.output} names a folder; give a file path such as {output / 'ema.pt'}")
     (check_output_folder if args.format == "diffusers" else check_output)(source, output)
     checkpoint = load_weights_file(source)
     if is_export(checkpoint):

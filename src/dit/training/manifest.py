@@ -164,7 +164,7 @@ def weights_digest(state_dict):
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")  # 0-dim too
     return h.hexdigest()[:16]
 
 

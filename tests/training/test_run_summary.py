@@ -65,6 +65,13 @@ def test_the_summary_holds_the_run_its_compute_and_its_fd_across_a_resume(tmp_pa
     assert second["step"] == 9 and abs(second["train_compute"] - model["gflops"] * 16 * 9 * 3) < 1e-9
     assert second["run_id"] == first["run_id"] and second["config_group"] == first["config_group"]
 
+    # Resumed with half the batch: steps 10 and 11 count 8 images each.
+    changed = ["resume=auto", "trainer.max_steps=11", "data.global_batch_size=8", "accept_changes=true"]
+    train.main(quick_cfg(out, digits_dir, "name=run", *FD, *changed))  # after FD: the later value wins
+    third = json.loads((out / "summary.json").read_text())
+    assert third["step"] == 11 and third["global_batch_size"] == 8
+    assert abs(third["train_compute"] - model["gflops"] * (16 * 9 + 8 * 2) * 3) < 1e-9
+
 
 def test_the_summary_goes_into_the_wandb_run(tmp_path, digits_dir):
     out = tmp_path / "run"

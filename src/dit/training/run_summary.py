@@ -6,7 +6,9 @@ The scaling charts (dit.evaluation.plots, the sweep's charts at the end of a mul
 notebooks/scaling.ipynb) read these summaries. Their rule for which FID a run is plotted at is the
 final one: the last measurement, at the run's last measured step. The paper compares models at equal
 training steps (Table 4 and Fig. 8: 400K steps), which the best-so-far would not; the best is kept
-beside it.
+beside it. `metric.history` holds the measurements of one protocol (metric, reference, number of
+samples, sampler, ...: `metric.protocol`); a run resumed under another keeps the earlier ones apart, in
+`metric.earlier`, each with its own protocol.
 
 Training compute is Gflops × global batch × steps × 3, the x axis of paper Fig. 9: Gflops count one
 forward pass of one image (a multiply-add = 1 flop) and the backward pass costs about twice the forward.
@@ -83,6 +85,26 @@ class RunSummary(Callback):
         )
         self.every = max(1, int((run_config.get("trainer") or {}).get("log_every_n_steps") or 50))
         self.measured = 0
+        # The compute of the launches before this one, to their last step (the checkpoint's state of
+        # this callback): a resume that changed data.global_batch_size counts each step at its batch.
+        self.compute_before, self.steps_before = 0.0, 0
+        self._trainer = None
+
+    def compute(self, step):
+        return self.compute_before + training_compute(
+            self.static["gflops"], self.static["global_batch_size"], step - self.steps_before
+        )
+
+    def setup(self, trainer, pl_module, stage):
+        self._trainer = trainer
+
+    def state_dict(self):
+        step = self._trainer.global_step if self._trainer is not None else self.steps_before
+        return {"train_compute": self.compute(step), "step": step}
+
+    def load_state_dict(self, state_dict):
+        # a checkpoint from before this state: its steps are counted at this launch's batch
+        self.compute_before, self.steps_before = state_dict["train_compute"], state_dict["step"]
 
     def hyperparameters(self):
         """What the run is (name, model, Gflops, seed, config group ...), for the loggers' configs."""
@@ -101,11 +123,15 @@ class RunSummary(Callback):
                 final_step=history[-1][0] if history else None,
                 best=min((v for _, v in history), default=None),
                 history=history,
+                # how the history was measured, and what this run measured under other protocols
+                # before a resume changed it (dit.evaluation.fid_monitor): never part of `history`
+                protocol=monitor.protocol,
+                earlier=monitor.earlier,
             )
         return dict(
             self.static,
             step=step,
-            train_compute=training_compute(self.static["gflops"], self.static["global_batch_size"], step),
+            train_compute=self.compute(step),
             metric=metric,
             status=status,
             updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -349,6 +349,11 @@ def test_bad_input_is_named(tmp_path, vae_dir):
         run_extract(tmp_path / "nowhere", tmp_path / "out", vae_dir)
     with pytest.raises(ValueError, match="holds no class folders"):
         run_extract(tmp_path, tmp_path / "out", vae_dir)
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "cat" / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match="1 class folders hold no images"):
+        run_extract(tmp_path / "empty", tmp_path / "out", vae_dir)
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--resolution 30 must be a positive multiple of 8"):
         run_extract(tmp_path, tmp_path / "out", vae_dir, "--resolution", "30")
 

@@ -89,6 +89,11 @@ def list_images(root):
     for label, name in enumerate(classes):
         for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
             files += [(Path(folder) / f, label) for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UsageError(
+            f"{root}'s {len(classes)} class folders hold no images ({', '.join(IMAGE_EXTENSIONS)}); pass the folder "
+            "that holds <class>/<image> files"
+        )
     return files, classes
 
 

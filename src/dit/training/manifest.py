@@ -168,13 +168,13 @@ def weights_digest(state_dict):
     return h.hexdigest()[:16]
 
 
-@functools.cache
 def checkout_root() -> Path:
     """The folder whose src/dit is this package (an editable install's checkout; for an installed
     wheel, two levels above site-packages/dit, which holds no .git)."""
     return Path(__file__).resolve().parents[1].parents[1]  # <root>/src/dit/training/manifest.py
 
 
+@functools.cache
 def code_version():
     """{"dit": version, "commit": git commit of this checkout (+dirty when tracked files changed) or
     None, "torch": ..., "lightning": ...}."""

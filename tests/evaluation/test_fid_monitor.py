@@ -251,13 +251,12 @@ def test_digits_fd_then_inception_fid_are_two_histories(
     measure_as(monkeypatch, first, trainer, module, {10: 1025.8, 20: 1017.2})
     capsys.readouterr()
 
-    fid = FIDMonitor(
-        str(tmp_path / "real"),
-        DDIM("ddim5"),
-        every_n_steps=10,
-        num_samples=200,
-        inception_weights=str(random_inception),
-    )
+    def inception_fid(ref):
+        return FIDMonitor(
+            str(ref), DDIM("ddim5"), every_n_steps=10, num_samples=200, inception_weights=str(random_inception)
+        )
+
+    fid = inception_fid(tmp_path / "real")
     trainer, module = launch(fid, first.state_dict())
     out = capsys.readouterr().out
     assert "the protocol changed (metric: digits -> inception, feature network weights:" in out
@@ -269,13 +268,7 @@ def test_digits_fd_then_inception_fid_are_two_histories(
         ("val/digits_fd", "digits FD", [[10, 1025.8], [20, 1017.2]])
     ]
 
-    other = FIDMonitor(
-        str(tmp_path / "other"),
-        DDIM("ddim5"),
-        every_n_steps=10,
-        num_samples=200,
-        inception_weights=str(random_inception),
-    )
+    other = inception_fid(tmp_path / "other")
     launch(other, fid.state_dict())
     assert f"(ref: {tmp_path / 'real'} (statistics " in capsys.readouterr().out
     assert other.history == [] and [e["history"] for e in other.earlier][-1] == [[30, 32.7]]

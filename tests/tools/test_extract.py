@@ -161,6 +161,13 @@ def test_extraction_end_to_end(image_dir, vae_dir, extracted, capsys):
         extract.main([str(image_dir), str(extracted), "--resolution", "64", "--vae", str(vae_dir)])
     with pytest.raises(UsageError, match=r"with other settings \(source: .* vs .*\); extract into another folder"):
         run_extract(image_dir.parent, extracted, vae_dir)
+    added = image_dir / "n01" / "added.png"  # the same folder, another image in it: not "done"
+    Image.new("RGB", (40, 40)).save(added)
+    try:
+        with pytest.raises(UsageError, match=r"finished already, from other image files .*\(14 then, 15 now"):
+            run_extract(image_dir, extracted, vae_dir)
+    finally:
+        added.unlink()
 
 
 def test_split_over_ranks_and_resume_after_interruption(image_dir, vae_dir, extracted, tmp_path, monkeypatch, capsys):

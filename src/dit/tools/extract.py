@@ -359,6 +359,17 @@ def main(argv=None):
                 f"{out_dir} is finished already, with other settings ({part_difference(held, asked)}); "
                 "extract into another folder"
             )
+        if "files_sha256" in done:  # finished by a dit.extract that recorded its images: the same ones?
+            files, classes = list_images(args.image_dir)
+            folder, _ = part_records(args.image_dir, files, classes, done.get("part_size", args.part_size))
+            if {k: done.get(k) for k in ("classes", "num_files", "files_sha256")} != {
+                k: folder[k] for k in ("classes", "num_files", "files_sha256")
+            }:
+                raise UsageError(
+                    f"{out_dir} is finished already, from other image files than those under {args.image_dir} "
+                    f"({done.get('num_files')} then, {folder['num_files']} now, or other names or sizes); "
+                    "extract into another folder"
+                )
         print(f"{out_dir} is finished already ({META_FILE} is there); nothing to do")
         return
     env = os.environ  # torchrun's variables, else SLURM's (srun starts one task per GPU)

@@ -319,11 +319,21 @@ def check_no_checkpoints_elsewhere(manifest, folders):
                 )
 
 
+def same_local_folder(a, b):
+    """Two spellings of one local folder, as this process resolves them (relative to its working
+    directory, as the loader reads data.path); never an object store's address."""
+    local = isinstance(a, str) and isinstance(b, str) and "://" not in a + b
+    return local and a != b and os.path.realpath(a) == os.path.realpath(b)
+
+
 def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
     """A resumed run trains what its checkpoint trained: the settings of run_identity must match,
     or, with accept_changes=true, the new values are applied (DiTModule.on_train_start puts the
     optimizer's in force over the restored ones) and announced. Returns the accepted changes."""
     old, new = run_identity(checkpoint.get("config") or {}), run_identity(run_config)
+    # one folder typed another way (data/x, ./data/x/, /abs/data/x) is the same data.path
+    if same_local_folder(old.get("data.path"), new.get("data.path")):
+        old["data.path"] = new["data.path"]
     changed = differences(old, new)
     if not changed:
         return {}

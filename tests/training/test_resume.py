@@ -235,6 +235,35 @@ def test_resume_auto_looks_where_the_run_saved_its_checkpoints(tmp_path, digits_
     assert read_checkpoint(moved / "last.ckpt")["global_step"] == 5
 
 
+def test_data_path_typed_another_way_is_the_same_folder(tmp_path, digits_dir, capsys):
+    """data.path is fixed within a run, but ./x, x/ and /abs/x name one folder: the resume goes on.
+    A copy of the data elsewhere is another folder: refused."""
+    import shutil
+
+    import train
+    from conftest import quick_cfg
+
+    base = ["~callbacks.digits_accuracy", "name=r", "logger=none", "trainer.val_check_interval=1000"]
+    train.main(quick_cfg(tmp_path / "run", digits_dir, *base, "trainer.max_steps=3"))
+    other_spelling = f"data.path={digits_dir.parent}/./{digits_dir.name}/"
+    train.main(quick_cfg(tmp_path / "run", digits_dir, *base, "resume=auto", "trainer.max_steps=4", other_spelling))
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    shutil.copytree(digits_dir, tmp_path / "copy")
+    with pytest.raises(SystemExit) as refused:
+        train.main(
+            quick_cfg(
+                tmp_path / "run",
+                digits_dir,
+                *base,
+                "resume=auto",
+                "trainer.max_steps=5",
+                f"data.path={tmp_path / 'copy'}",
+            )
+        )
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, "other settings that a run cannot change (data.path:")
+
+
 def test_resume_with_changed_settings_is_refused_or_applied(tmp_path, digits_dir, capsys):
     """A resume whose recipe changed (lr, batch, EMA decay) is refused, naming each key; with
     accept_changes=true the new values are the ones in force (the restored optimizer state would

@@ -271,7 +271,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument(
-        "--float8", choices=FLOAT8_RECIPES, help="module.float8: a torchao float8 recipe for the blocks' linears"
+        "--float8",
+        choices=FLOAT8_RECIPES,
+        help="module.float8: a float8 recipe for the blocks' linears (torchao's, or the float8 forward's *_forward)",
     )
     p.add_argument(
         "--float8-layers", nargs="+", default=list(FLOAT8_LAYERS), metavar="LAYER", help="module.float8_layers"

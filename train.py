@@ -40,6 +40,7 @@ from dit.training.checkpoints import (
     PREEMPTED_EXIT_CODE,
     StopCheckpoint,
     checkpoint_to_resume,
+    read_checkpoint,
     remove_stale_temporaries,
 )
 from dit.training.fsdp import FSDP, fsdp_compile_mode
@@ -304,26 +305,37 @@ def trained_steps(folder):
         return 0
 
 
-def check_no_checkpoints_elsewhere(manifest, folders):
-    """resume=auto found no checkpoint in `folders`: refuse if an earlier launch of the run saved
-    its checkpoints in another folder that still holds them (its callbacks.checkpoint.dirpath,
-    not given again), rather than start the run afresh over its record."""
+def check_no_newer_checkpoints_elsewhere(manifest, folders, step):
+    """resume=auto chose step `step` in `folders` (None: found no checkpoint there). Refuse if an
+    earlier launch of the run saved its checkpoints in another folder (a callbacks.checkpoint.dirpath
+    not given again) that holds a later step, rather than start afresh, or go back to an older
+    step, over the run's record."""
     searched = {os.path.abspath(f) for f in folders}
-    for launch in reversed(manifest.get("launches") or []):
-        for folder in launch.get("checkpoint_folders") or []:
-            if folder not in searched and any(Path(folder).glob("*.ckpt")):
+    launches = manifest.get("launches") or []
+    elsewhere = dict.fromkeys(
+        f for launch in launches for f in launch.get("checkpoint_folders") or [] if f not in searched
+    )
+    for folder in elsewhere:
+        for path in sorted(Path(folder).glob("*.ckpt")):
+            try:
+                theirs = read_checkpoint(path, verify=False)["global_step"]
+            except UsageError:  # unreadable: no later state to keep
+                continue
+            if step is None or theirs > step:
+                found = "no checkpoint" if step is None else f"step {step} at the latest"
                 raise UsageError(
-                    f"resume=auto: no checkpoint in {', '.join(sorted(searched))}, but an earlier launch of this run "
-                    f"saved its checkpoints in {folder}; give callbacks.checkpoint.dirpath={folder} "
-                    f"callbacks.stop_checkpoint.dirpath={folder} again, or resume={folder}/last.ckpt"
+                    f"resume=auto: {found} in {', '.join(sorted(searched))}, but an earlier launch of this run saved "
+                    f"step {theirs} in {folder}; continue there with callbacks.checkpoint.dirpath={folder} "
+                    f"callbacks.stop_checkpoint.dirpath={folder}"
                 )
 
 
 def same_local_folder(a, b):
-    """Two spellings of one local folder, as this process resolves them (relative to its working
-    directory, as the loader reads data.path); never an object store's address."""
+    """Two spellings of one local path (./x/ for x, /a/./x for /a/x): equal once normalised, both
+    relative or both absolute. A relative path is relative to the working directory of its launch,
+    which a checkpoint does not record, so it never equals an absolute one; never an object store's."""
     local = isinstance(a, str) and isinstance(b, str) and "://" not in a + b
-    return local and a != b and os.path.realpath(a) == os.path.realpath(b)
+    return local and os.path.isabs(a) == os.path.isabs(b) and os.path.normpath(a) == os.path.normpath(b)
 
 
 def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
@@ -331,7 +343,7 @@ def check_same_run(checkpoint_path, checkpoint, run_config, accept_changes):
     or, with accept_changes=true, the new values are applied (DiTModule.on_train_start puts the
     optimizer's in force over the restored ones) and announced. Returns the accepted changes."""
     old, new = run_identity(checkpoint.get("config") or {}), run_identity(run_config)
-    # one folder typed another way (data/x, ./data/x/, /abs/data/x) is the same data.path
+    # one path typed another way (./data/x/ for data/x) is the same data.path
     if same_local_folder(old.get("data.path"), new.get("data.path")):
         old["data.path"] = new["data.path"]
     changed = differences(old, new)
@@ -489,8 +501,10 @@ def fit(cfg, out, run_config, summary, lock):
             f"{out} holds an earlier run of other settings that saved no checkpoint (its manifest.json); "
             "give this run another name=, or move that folder away"
         )
-    if ckpt_path is None and cfg.resume == "auto" and earlier is not None:
-        check_no_checkpoints_elsewhere(earlier, folders)
+    if cfg.resume == "auto" and earlier is not None:
+        check_no_newer_checkpoints_elsewhere(
+            earlier, folders, None if checkpoint is None else checkpoint["global_step"]
+        )
     accepted = check_same_run(ckpt_path, checkpoint, run_config, cfg.accept_changes) if checkpoint is not None else {}
     del checkpoint  # memory-mapped; Lightning loads it again
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -526,7 +540,7 @@ def fit(cfg, out, run_config, summary, lock):
         folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
         for folder in sorted(f for f in folders if "://" not in f):
             check_writable(folder, checkpoint_bytes(summary["params"]))
-        saved_in = sorted(os.path.abspath(f) for f in folders)
+        saved_in = sorted({os.path.abspath(f) for f in folders})  # Lightning's absolute path and a relative one alike
         manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted, saved_in)
         module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
         run_summary.static["run_id"] = manifest["run_id"]

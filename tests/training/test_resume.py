@@ -229,9 +229,17 @@ def test_resume_auto_looks_where_the_run_saved_its_checkpoints(tmp_path, digits_
     with pytest.raises(SystemExit) as refused:
         train.main(quick_cfg(tmp_path / "run", digits_dir, *base, "resume=auto", "trainer.max_steps=5"))
     assert refused.value.code == 2
-    one_line_error(capsys.readouterr().err, "resume=auto: no checkpoint in", f"saved its checkpoints in {moved}")
+    one_line_error(capsys.readouterr().err, "resume=auto: no checkpoint in", f"saved step 3 in {moved}")
     assert (tmp_path / "run" / "summary.json").read_text() == summary  # the run's record as it was
     train.main(quick_cfg(tmp_path / "run", digits_dir, *base, *where, "resume=auto", "trainer.max_steps=5"))
+    assert read_checkpoint(moved / "last.ckpt")["global_step"] == 5
+    # Branched back into the run folder's own checkpoints (an explicit resume=), then resumed with the
+    # moved folder again: its step 5 is older than the run folder's 7, so resume=auto refuses it.
+    train.main(quick_cfg(tmp_path / "run", digits_dir, *base, f"resume={moved / 'last.ckpt'}", "trainer.max_steps=7"))
+    with pytest.raises(SystemExit) as refused:
+        train.main(quick_cfg(tmp_path / "run", digits_dir, *base, *where, "resume=auto", "trainer.max_steps=9"))
+    assert refused.value.code == 2
+    one_line_error(capsys.readouterr().err, "resume=auto: step 5 at the latest in", "saved step 7 in")
     assert read_checkpoint(moved / "last.ckpt")["global_step"] == 5
 
 

@@ -119,3 +119,25 @@ def test_rowwise_on_the_gpu_has_the_bf16_gradients_with_the_gelu_kernel():
     gradients_match(
         layer, nn.Sequential(nn.GELU(approximate="tanh"), reference), x.repeat(1, 1, 4).bfloat16(), grad, "cuda"
     )
+
+
+def test_layers_that_would_stay_bf16_are_refused(tmp_path, digits_dir, capsys):
+    """SwiGLU's MLP linears are w12 and w3: the default fc1, fc2 would convert nothing, without a
+    word; so would a width float8 matmuls cannot take. Refused, naming the linears there are."""
+    import train
+    from conftest import one_line_error, quick_cfg
+
+    swiglu = tiny_with_live_blocks(mlp="swiglu", hidden_size=96)  # SwiGLU width 256: divisible by 16
+    with pytest.raises(UsageError, match=r"names fc1, fc2, .*\(their linears: qkv, proj, w12, w3\)"):
+        convert_blocks_to_float8(swiglu, "tensorwise_forward", ["qkv", "proj", "fc1", "fc2"])
+    converted = convert_blocks_to_float8(swiglu, "tensorwise_forward", ["w12", "w3"])
+    assert converted == [f"blocks.{i}.mlp.{n}" for i in range(2) for n in ("w12", "w3")]
+    with pytest.raises(SystemExit) as refused:  # through train.py: one line, before any step
+        train.main(
+            quick_cfg(tmp_path, digits_dir, "model.mlp=swiglu", "module.float8=tensorwise_forward", "logger=none")
+        )
+    assert refused.value.code == 2
+    one_line_error(
+        capsys.readouterr().err, "module.float8_layers names fc1, fc2, which this model's blocks do not have"
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))

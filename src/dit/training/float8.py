@@ -26,7 +26,8 @@ from dit.errors import UsageError
 TORCHAO_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FORWARD_RECIPES = ("rowwise_forward", "tensorwise_forward")  # dit.training.float8_forward
 RECIPES = TORCHAO_RECIPES + FORWARD_RECIPES
-LAYERS = ("qkv", "proj", "fc1", "fc2")  # a block's attention and MLP linears (dit.models.dit)
+LAYERS = ("qkv", "proj", "fc1", "fc2")  # a block's attention and MLP linears (dit.models.dit): the default
+OTHER_LAYERS = ("w12", "w3", "q", "kv")  # SwiGLU's (model.mlp=swiglu) and cross-attention's
 
 
 def check_float8(recipe, layers) -> None:
@@ -35,9 +36,11 @@ def check_float8(recipe, layers) -> None:
         layers = [layers]
     if recipe not in RECIPES:
         raise UsageError(f"module.float8={recipe!r}; use null or one of {', '.join(RECIPES)}")
-    unknown = [name for name in layers or () if name not in LAYERS]
+    unknown = [name for name in layers or () if name not in LAYERS + OTHER_LAYERS]
     if not layers or unknown:
-        raise UsageError(f"module.float8_layers={list(layers or [])}; list one or more of {', '.join(LAYERS)}")
+        raise UsageError(
+            f"module.float8_layers={list(layers or [])}; list one or more of {', '.join(LAYERS + OTHER_LAYERS)}"
+        )
     if recipe in FORWARD_RECIPES:
         return
     try:
@@ -79,6 +82,21 @@ def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]
     recipes, Float8ForwardLinear), in place; returns the names of the converted layers. Parameters
     keep their names and order."""
     chosen = {layers} if isinstance(layers, str) else set(layers)
+    # A chosen name that converts nothing would leave its layers in bf16 without a word (fc1 and fc2 of
+    # a SwiGLU model, whose MLP linears are w12 and w3; a width that float8 matmuls cannot take).
+    linears = [
+        (name.rsplit(".", 1)[-1], m, name) for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)
+    ]
+    convertible = {leaf for leaf, m, name in linears if is_float8_layer(m, name, chosen)}
+    idle = [name for name in LAYERS + OTHER_LAYERS if name in chosen - convertible]
+    if idle:
+        present = {leaf for leaf, _, _ in linears}
+        have = [name for name in LAYERS + OTHER_LAYERS if name in present]
+        raise UsageError(
+            f"module.float8_layers names {', '.join(idle)}, which this model's blocks do not have, or not with both "
+            f"dimensions divisible by 16 as float8 matmuls need (their linears: {', '.join(have)}); list those of "
+            "them to run in float8"
+        )
     converted = []
 
     def wanted(module, name):

@@ -149,6 +149,11 @@ def test_a_folder_another_process_fills_or_a_file_is_refused(tiny_run, tmp_path,
     finally:
         other.kill()
         other.wait()
+    with pytest.raises(SystemExit):  # a checkpoint that records its model takes no --num-heads
+        exit_on_usage_error(
+            lambda: sample_main([str(tiny_run), str(tmp_path / "h"), *cpu_ddim5(2, 2), "--num-heads", "2"])
+        )
+    one_line_error(capsys.readouterr().err, "--num-heads 2:", "records its model, with 4 heads")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
         exit_on_usage_error(lambda: sample_main([str(tiny_run), str(tmp_path / "notes.txt"), *cpu_ddim5(2, 2)]))

@@ -100,6 +100,11 @@ def load_model(path: str | Path, num_heads: int | None = None) -> tuple[DiT, tup
     manifest = checkpoint.get("manifest") or {}
     if config:  # train.py's or an export's: the run's config builds the model and says what the data were
         model = DiT.from_state_dict(checkpoint)
+        if num_heads and num_heads != model.num_heads:
+            raise UsageError(
+                f"--num-heads {num_heads}: {path} records its model, with {model.num_heads} heads; --num-heads is "
+                "for a bare state dict (the official file's format): leave it out"
+            )
         data = (data_are_pixels(config["data"]), config["data"]["scale_factor"])
         options = process_options(config)
     else:

@@ -537,10 +537,16 @@ def fit(cfg, out, run_config, summary, lock):
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if lock is not None:
         # Before the first step rather than at the first checkpoint, hours later.
-        folders = {str(c.dirpath) for c in callbacks if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath}
-        for folder in sorted(f for f in folders if "://" not in f):
+        # one each: Lightning's ModelCheckpoint holds an absolute path, StopCheckpoint the one given
+        saved_in = sorted(
+            {
+                os.path.abspath(c.dirpath)
+                for c in callbacks
+                if isinstance(c, (ModelCheckpoint, StopCheckpoint)) and c.dirpath
+            }
+        )
+        for folder in saved_in:
             check_writable(folder, checkpoint_bytes(summary["params"]))
-        saved_in = sorted({os.path.abspath(f) for f in folders})  # Lightning's absolute path and a relative one alike
         manifest = write_run_manifest(out, run_config, overrides, ckpt_path, accepted, saved_in)
         module.run_manifest = {k: manifest[k] for k in ("run_id", "config_hash", "code")}
         run_summary.static["run_id"] = manifest["run_id"]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dit.errors import UsageError
-from dit.training.float8 import LAYERS, check_float8_device, is_float8_layer
+from dit.training.float8 import LAYERS, OTHER_LAYERS, check_float8_device, is_float8_layer, swap_linears
 
 GRANULARITIES = ("rowwise", "tensorwise")
 E4M3 = torch.float8_e4m3fn
@@ -105,25 +105,19 @@ def check_float8_sampling(granularity: str, device: torch.device, flag: str = "-
 
 
 # The blocks' linears: attention's and the GELU MLP's (dit.training.float8.LAYERS), SwiGLU's two
-# (w12, w3) and cross-attention's q and kv.
-SAMPLING_LAYERS = (*LAYERS, "w12", "w3", "q", "kv")
+# (w12, w3) and cross-attention's q and kv (OTHER_LAYERS).
+SAMPLING_LAYERS = LAYERS + OTHER_LAYERS
 
 
 def quantize_for_sampling(model: nn.Module, granularity: str, layers=SAMPLING_LAYERS) -> list[str]:
     """Replace the chosen linears of `model.blocks` by Float8SamplingLinear, in place (a replaced
     fc2 takes over the tanh GELU before it); returns the names of the replaced linears. For sampling
     only: the model's state dict changes (float8 buffers, no parameters)."""
-    replaced = []
-    for name, module in list(model.blocks.named_modules()):
-        if is_float8_layer(module, name, layers):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.blocks.get_submodule(parent_name) if parent_name else model.blocks
-            act = getattr(parent, "act", None)
-            gelu_input = child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh"
-            setattr(parent, child, Float8SamplingLinear(module, granularity, gelu_input).to(module.weight.device))
-            if gelu_input:
-                parent.act = nn.Identity()
-            replaced.append(f"blocks.{name}")
+    replaced = swap_linears(
+        model.blocks,
+        lambda module, name: is_float8_layer(module, name, layers),
+        lambda linear, gelu: Float8SamplingLinear(linear, granularity, gelu).to(linear.weight.device),
+    )
     if not replaced:
         raise UsageError(
             f"float8: no linear of this model's blocks ({', '.join(layers)}) has both dimensions divisible by 16, "

@@ -77,42 +77,55 @@ def is_float8_layer(module: nn.Module, name: str, layers) -> bool:
     )
 
 
+def swap_linears(blocks: nn.Module, take, make) -> list[str]:
+    """Replace each linear of `blocks` for which take(module, name) holds by make(linear, gelu_input),
+    in place; returns their names ("blocks.<name>"). An fc2 after a tanh GELU gets gelu_input=True
+    and takes the GELU over: the MLP's `act` becomes the identity (the float8 layers fuse the GELU
+    into the cast of fc2's input)."""
+    replaced = []
+    for name, module in list(blocks.named_modules()):
+        if not (isinstance(module, nn.Linear) and take(module, name)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = blocks.get_submodule(parent_name) if parent_name else blocks
+        act = getattr(parent, "act", None)
+        gelu_input = child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh"
+        setattr(parent, child, make(module, gelu_input))
+        if gelu_input:
+            parent.act = nn.Identity()
+        replaced.append(f"blocks.{name}")
+    return replaced
+
+
 def convert_blocks_to_float8(model: nn.Module, recipe: str, layers) -> list[str]:
     """Swap the chosen linears of `model.blocks` for torchao's Float8Linear (or, for the forward
     recipes, Float8ForwardLinear), in place; returns the names of the converted layers. Parameters
     keep their names and order."""
     chosen = {layers} if isinstance(layers, str) else set(layers)
+    linears = [(name, m) for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
+    take = [name for name, m in linears if is_float8_layer(m, name, chosen)]  # in the blocks' order
     # A chosen name that converts nothing would leave its layers in bf16 without a word (fc1 and fc2 of
     # a SwiGLU model, whose MLP linears are w12 and w3; a width that float8 matmuls cannot take).
-    linears = [
-        (name.rsplit(".", 1)[-1], m, name) for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)
-    ]
-    convertible = {leaf for leaf, m, name in linears if is_float8_layer(m, name, chosen)}
-    idle = [name for name in LAYERS + OTHER_LAYERS if name in chosen - convertible]
+    idle = [n for n in LAYERS + OTHER_LAYERS if n in chosen and not any(t.rsplit(".", 1)[-1] == n for t in take)]
     if idle:
-        present = {leaf for leaf, _, _ in linears}
-        have = [name for name in LAYERS + OTHER_LAYERS if name in present]
+        present = {name.rsplit(".", 1)[-1] for name, _ in linears}
+        have = [n for n in LAYERS + OTHER_LAYERS if n in present]
         raise UsageError(
             f"module.float8_layers names {', '.join(idle)}, which this model's blocks do not have, or not with both "
             f"dimensions divisible by 16 as float8 matmuls need (their linears: {', '.join(have)}); list those of "
             "them to run in float8"
         )
-    converted = []
-
-    def wanted(module, name):
-        take = is_float8_layer(module, name, chosen)
-        if take:
-            converted.append(f"blocks.{name}")
-        return take
-
     if recipe in FORWARD_RECIPES:
-        from dit.training.float8_forward import convert_blocks_to_float8_forward
+        from dit.training.float8_forward import GRANULARITY, Float8ForwardLinear
 
-        convert_blocks_to_float8_forward(model.blocks, recipe, wanted)
-        return converted
+        return swap_linears(
+            model.blocks,
+            lambda m, name: name in take,
+            lambda linear, gelu: Float8ForwardLinear(linear, GRANULARITY[recipe], gelu),
+        )
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(
-        model.blocks, module_filter_fn=wanted, config=Float8LinearConfig.from_recipe_name(recipe)
+        model.blocks, module_filter_fn=lambda m, name: name in take, config=Float8LinearConfig.from_recipe_name(recipe)
     )
-    return converted
+    return [f"blocks.{name}" for name in take]

@@ -93,18 +93,3 @@ class Float8ForwardLinear(nn.Linear):
         rows = x.reshape(-1, self.in_features)
         out = _Float8ForwardMatmul.apply(rows, self.weight, self.bias, self.granularity, self.gelu_input, dtype)
         return out.view(*x.shape[:-1], self.out_features)
-
-
-def convert_blocks_to_float8_forward(blocks: nn.Module, recipe: str, wanted) -> None:
-    """Swap the linears of `blocks` for which wanted(module, name) holds for Float8ForwardLinear,
-    in place; a swapped fc2 after a tanh GELU takes the GELU over."""
-    for name, module in list(blocks.named_modules()):
-        if not wanted(module, name):
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = blocks.get_submodule(parent_name) if parent_name else blocks
-        act = getattr(parent, "act", None)
-        gelu_input = child == "fc2" and isinstance(act, nn.GELU) and act.approximate == "tanh"
-        setattr(parent, child, Float8ForwardLinear(module, GRANULARITY[recipe], gelu_input))
-        if gelu_input:
-            parent.act = nn.Identity()

@@ -56,7 +56,8 @@ class DiTModule(LightningModule):
             float8 forward ("rowwise_forward", "tensorwise_forward": bf16 gradients) for the
             matmuls of the blocks' `float8_layers` (dit.training.float8); weights, EMA and the
             diffusion math keep their precision.
-        float8_layers: which of a block's linears run in float8: qkv, proj, fc1, fc2.
+        float8_layers: which of a block's linears run in float8: qkv, proj, fc1, fc2 (SwiGLU's w12, w3;
+            cross-attention's q, kv).
     """
 
     def __init__(
